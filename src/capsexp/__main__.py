@@ -1,0 +1,5 @@
+"""``python -m capsexp ...`` (and ``torchrun -m capsexp train ...``)."""
+
+from capsexp.cli import main
+
+main()

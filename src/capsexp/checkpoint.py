@@ -1,0 +1,52 @@
+"""Checkpoints that survive a crash: written to a temporary file, then atomically renamed."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capsexp.errors import UserError
+
+FORMAT = "capsexp-checkpoint-1"
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` so that a kill at any moment leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save({"format": FORMAT, **state}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, key: str = "trainer.resume") -> dict[str, Any]:
+    """Read a capsexp checkpoint; anything else (missing, truncated, foreign) is one clear sentence."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{key}: no checkpoint at '{path}'.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(
+            f"{key}: '{path}' is not a readable checkpoint (truncated or corrupt: {type(exc).__name__}); "
+            f"resume from another file, e.g. checkpoints/best.pt."
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{key}: '{path}' is not a capsexp checkpoint.")
+    return state
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently written checkpoint in a run folder (for ``trainer.resume=auto``)."""
+    found = sorted((run_dir / "checkpoints").glob("*.pt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None

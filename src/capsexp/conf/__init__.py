@@ -1,0 +1,1 @@
+"""Hydra config tree of capsexp (shipped inside the package so wheels carry it)."""

@@ -1,0 +1,98 @@
+"""Gradient diagnostics during training: measures with ``capsexp.gradients``, writes TensorBoard.
+
+Tags (a public interface, read by ``capsexp report``): ``grad_norm/<stage>``, ``grad_norm/total``,
+``grad_to_weight/<stage>``, ``grad_rel_head/<stage>``, ``grad_norm_layer/<layer>``,
+``grad_hist/<stage>``, the image ``grad_flow`` and the text ``alarm/vanishing_gradients``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from capsexp.gradients import GradStats, VanishingAlarm, frozen_stages, gradient_stats, median_over_run
+
+FLOW_LINES = 8  # logging steps drawn in one gradient-flow figure
+
+
+class GradientMonitor:
+    """Called once per step after backward (and unscaling); does work only at its intervals."""
+
+    def __init__(self, grads_cfg: Any, telemetry_every: int, logger: Any, stages: dict[str, nn.Module]) -> None:
+        self.cfg = grads_cfg
+        self.telemetry_every = telemetry_every
+        self.logger = logger
+        self.alarm = VanishingAlarm(list(grads_cfg.alarm.early_stages), float(grads_cfg.alarm.ratio),
+                                    int(grads_cfg.alarm.patience))
+        self.history: list[dict[str, float]] = []
+        self.flow: list[tuple[int, dict[str, float]]] = []
+        self.alarm_message: str | None = None
+        self.frozen = frozen_stages(stages)
+
+    def _due(self, step: int, every: int) -> bool:
+        return every > 0 and step % every == 0
+
+    def after_backward(self, step: int, model: nn.Module, images: Tensor, targets: Tensor) -> None:
+        """``step`` counts optimizer steps including this one (the TensorBoard x-axis)."""
+        stages = model.stages()
+        if self.cfg.enabled and self._due(step, int(self.cfg.log_every_n_steps)):
+            self._log_stats(step, gradient_stats(stages, per_layer=bool(self.cfg.per_layer)))
+        if self._due(step, int(self.cfg.histogram_every_n_steps)):
+            for name, module in stages.items():
+                grads = [p.grad.flatten() for p in module.parameters() if p.grad is not None]
+                if grads:
+                    self.logger.histogram(f"grad_hist/{name}", torch.cat(grads), step)
+        if self._due(step, int(self.cfg.figure_every_n_steps)):
+            self._log_figures(step, model, images, targets)
+        if self._due(step, self.telemetry_every):
+            telemetry = model.head.telemetry(targets)
+            if telemetry:
+                values = torch.stack([v.float() for v in telemetry.values()]).tolist()  # one sync
+                self.logger.scalars(dict(zip(telemetry, values)), step)
+
+    def _log_stats(self, step: int, stats: GradStats) -> None:
+        values: dict[str, float] = {"grad_norm/total": stats.total}
+        head = stats.stage_norm.get("head")
+        for stage, norm in stats.stage_norm.items():
+            values[f"grad_norm/{stage}"] = norm
+            values[f"grad_to_weight/{stage}"] = stats.stage_ratio[stage]
+            if head:
+                values[f"grad_rel_head/{stage}"] = norm / head
+        for layer, norm in stats.layer_norm.items():
+            values[f"grad_norm_layer/{layer}"] = norm
+        self.logger.scalars(values, step)
+        self.history.append({f"grad_norm/{k}": v for k, v in stats.stage_norm.items()} |
+                            {"grad_norm/total": stats.total})
+        if stats.layer_mean_abs:
+            self.flow = (self.flow + [(step, stats.layer_mean_abs)])[-FLOW_LINES:]
+        event = self.alarm.update(stats, step)
+        if event is not None:
+            self.alarm_message = event.message
+            print(f"capsexp: WARNING {event.message}", file=sys.stderr, flush=True)
+            self.logger.text("alarm/vanishing_gradients", event.message, step)
+
+    def _log_figures(self, step: int, model: nn.Module, images: Tensor, targets: Tensor) -> None:
+        if self.flow and self.logger.writer is not None:
+            from capsexp.figures import gradient_flow_figure
+
+            self.logger.image("grad_flow", gradient_flow_figure(self.flow, f"gradient flow up to step {step}"),
+                              step, dataformats="HWC")
+        for tag, grid in model.head.images(images, targets).items():
+            self.logger.image(tag, grid, step)
+
+    def summary(self) -> dict[str, float]:
+        """Median of every ``grad_norm/<stage>`` over the run: the numbers ``metrics.json`` keeps."""
+        return median_over_run(self.history)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "alarm_message": self.alarm_message,
+                "alarm_fired": self.alarm.fired}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+        self.alarm_message = state.get("alarm_message")
+        if state.get("alarm_fired"):
+            self.alarm.mark_fired()

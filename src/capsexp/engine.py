@@ -1,0 +1,258 @@
+"""One training epoch and one evaluation pass. They return statistics; the caller saves and decides."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from capsexp.runtime import Runtime, all_reduce_mean
+
+
+class Objective(nn.Module):
+    """Model plus loss in one module, so DDP sees every parameter the loss uses.
+
+    The head's auxiliary loss (reconstruction) and a learned loss scale take part in the
+    forward pass here; wrapping only the classifier would leave them outside DDP's reducer.
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, aux_weight: float) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+        self.aux_weight = aux_weight
+
+    def forward(self, images: Tensor, targets: Tensor, progress: float) -> tuple[Tensor, Tensor]:
+        scores = self.model(images)
+        # losses in fp32 whatever the autocast dtype: capsule lengths and margins are small numbers
+        loss = self.criterion(scores.float(), targets, progress)
+        if self.aux_weight > 0:
+            aux = self.model.head.auxiliary_loss(images, targets)
+            if aux is not None:
+                loss = loss + self.aux_weight * aux.float()
+        return loss, scores
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint must restore for a run to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_val_acc: float = float("-inf")
+    skipped_steps: int = 0
+    timed_images: int = 0
+    timed_seconds: float = 0.0
+    last_train_loss: float = float("nan")
+    window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # unlogged loss x n, correct, n
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class StopTraining(Exception):
+    """Raised inside the loop to end training early (non-finite values, a signal)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class SignalGuard:
+    """SIGINT/SIGTERM set a flag; the loop finishes the current step, checkpoints and stops."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "SignalGuard":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some launchers): leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second Ctrl-C: the user really wants out now
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\ncapsexp: received {signal.Signals(signum).name}; finishing this step and saving a "
+              f"checkpoint (press Ctrl-C again to abort at once).", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def progress_bar(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=not enabled,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+@torch.no_grad()
+def evaluate(objective: nn.Module, loader: Iterable, rt: Runtime, limit: int | None,
+             show_progress: bool) -> dict[str, float]:
+    """Mean loss and accuracy over the validation set (all ranks' results averaged)."""
+    objective.eval()
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device)
+    seen = torch.zeros((), device=rt.device)
+    total = len(loader) if limit is None else min(limit, len(loader))
+    for index, (images, targets) in enumerate(progress_bar(loader, total, "val", show_progress)):
+        if index >= total:
+            break
+        images, targets = rt.to_device(images, targets)
+        with rt.autocast():
+            loss, scores = objective(images, targets, 1.0)
+        loss_sum += loss.float() * targets.numel()
+        correct += (scores.argmax(1) == targets).sum()
+        seen += targets.numel()
+    stats = torch.stack([loss_sum / seen.clamp(min=1), correct / seen.clamp(min=1)])
+    stats = all_reduce_mean(stats, rt).tolist()  # note: one CPU-GPU sync per evaluation
+    return {"val/loss": stats[0], "val/acc": stats[1]}
+
+
+def set_lr_scalars(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``lr`` is the head's learning rate; ``lr/<group>`` for every parameter group."""
+    out = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
+    out["lr"] = optimizer.param_groups[-1]["lr"]
+    return out
+
+
+StepHook = Callable[[int], None]
+
+
+@dataclass
+class Loop:
+    """What one training step needs; built once by ``train(cfg)``."""
+
+    objective: nn.Module           # what runs (maybe DDP-wrapped, maybe compiled)
+    model: nn.Module               # the bare Classifier (stages, head hooks)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    rt: Runtime
+    trainer: Any                   # the trainer config group
+    monitor: Any                   # capsexp.diagnostics.GradientMonitor
+    logger: Any                    # capsexp.logger.RunLogger
+    guard: SignalGuard
+    total_steps: int
+    show_progress: bool
+    criterion: nn.Module | None = None
+    params: list[nn.Parameter] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+
+def _grad_total_norm(params: list[nn.Parameter], device: torch.device) -> Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -> tuple[Tensor, Tensor]:
+    """Forward, backward, diagnostics, guarded update. Returns (loss, correct) as device tensors."""
+    rt, cfg = loop.rt, loop.trainer
+    images, targets = rt.to_device(images, targets)
+    loop.optimizer.zero_grad(set_to_none=True)
+    with rt.autocast():
+        loss, scores = loop.objective(images, targets, state.step / max(loop.total_steps, 1))
+    loop.scaler.scale(loss).backward()
+    loop.scaler.unscale_(loop.optimizer)
+    # the one measuring point: after backward and unscaling, before clipping and the step
+    if loop.monitor is not None:
+        loop.monitor.after_backward(state.step + 1, loop.model, images, targets)
+    total_norm = _grad_total_norm(loop.params, rt.device)
+    # fp16 overflow is the GradScaler's business (it skips and rescales); otherwise a non-finite
+    # gradient is a real fault. note: this is a CPU-GPU sync point, one scalar per step
+    bad = ~torch.isfinite(loss.detach()) if loop.scaler.is_enabled() else \
+        ~(torch.isfinite(loss.detach()) & torch.isfinite(total_norm))
+    if bool(bad):
+        _on_nonfinite(loop, state, loss)
+        return loss.detach() * 0, torch.zeros((), device=rt.device)
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(loop.params, float(cfg.grad_clip), total_norm)
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    loop.scheduler.step()
+    return loss.detach(), (scores.argmax(1) == targets).sum()
+
+
+def _on_nonfinite(loop: Loop, state: TrainState, loss: Tensor) -> None:
+    from capsexp.gradients import nonfinite_stage
+
+    stage = nonfinite_stage(loop.model.stages()) or "none (the loss itself)"
+    what = "loss" if not torch.isfinite(loss.detach()) else "gradient"
+    if loop.trainer.on_nonfinite == "skip":
+        loop.optimizer.zero_grad(set_to_none=True)
+        state.skipped_steps += 1
+        loop.logger.scalars({"train/skipped_steps": state.skipped_steps}, state.step)
+        print(f"capsexp: non-finite {what} at step {state.step} (first stage: {stage}); update skipped "
+              f"({state.skipped_steps} so far).", file=sys.stderr, flush=True)
+        return
+    raise StopTraining(
+        f"non-finite {what} at step {state.step}; first stage with non-finite gradients: {stage}. "
+        f"Stopped with the last good checkpoint kept; lower optim.lr, set trainer.grad_clip, "
+        f"or use trainer.on_nonfinite=skip.", exit_code=3)
+
+
+def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int,
+                    max_steps: int | None) -> dict[str, float]:
+    """Train until the epoch's ``batches`` are done (or ``max_steps``, or a signal).
+
+    Resumes mid-epoch at ``state.batch_in_epoch``: the loader's sampler already starts there.
+    Throughput counts only steps after ``trainer.warmup_steps_excluded``.
+    """
+    loop.objective.train()
+    rt, cfg = loop.rt, loop.trainer
+    sums = torch.tensor(state.window, device=rt.device)  # loss x n, correct, n since the last log
+    bar = progress_bar(loader, batches - state.batch_in_epoch, f"epoch {state.epoch}", loop.show_progress)
+    tick = None
+    for images, targets in bar:
+        if state.batch_in_epoch >= batches or (max_steps is not None and state.step >= max_steps):
+            break
+        if tick is None and state.step >= cfg.warmup_steps_excluded:
+            rt.synchronize()
+            tick, tick_images = time.perf_counter(), 0
+        n = targets.shape[0]
+        loss, correct = train_step(loop, images, targets, state)
+        sums += torch.stack([loss.float() * n, correct.float(), torch.tensor(float(n), device=rt.device)])
+        state.step += 1
+        state.batch_in_epoch += 1
+        if tick is not None:
+            tick_images += n
+        if state.step % cfg.log_every_n_steps == 0:
+            _log_train(loop, sums, state, bar)
+            sums.zero_()
+        if loop.guard.received is not None:
+            break
+    if tick is not None:
+        rt.synchronize()
+        state.timed_seconds += time.perf_counter() - tick
+        state.timed_images += tick_images * rt.world_size
+    # kept in the state so a checkpoint taken now resumes the same logging window
+    state.window = sums.tolist()
+    if loop.guard.received is None and state.window[2] > 0:
+        _log_train(loop, sums, state, bar)
+        state.window = [0.0, 0.0, 0.0]
+    return {"train/loss": state.last_train_loss}
+
+
+def _log_train(loop: Loop, sums: Tensor, state: TrainState, bar: Any) -> None:
+    loss_sum, correct, n = all_reduce_mean(sums, loop.rt).tolist()  # note: CPU-GPU sync, logging steps only
+    values = {"train/loss": loss_sum / max(n, 1), "train/acc": correct / max(n, 1)}
+    values.update(set_lr_scalars(loop.optimizer))
+    loop.logger.scalars(values, state.step)
+    state.last_train_loss = values["train/loss"]
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix(loss=f"{values['train/loss']:.3f}", acc=f"{values['train/acc']:.3f}")

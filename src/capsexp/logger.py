@@ -1,0 +1,81 @@
+"""TensorBoard output of one run. ``RunLogger(None)`` is a silent logger (non-main DDP ranks).
+
+Every scalar's x-axis is the global optimizer step (``step``), including validation metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class RunLogger:
+    def __init__(self, log_dir: Path | None) -> None:
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def image(self, tag: str, image: np.ndarray | Tensor, step: int, dataformats: str = "CHW") -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats=dataformats)
+
+    def histogram(self, tag: str, values: Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
+    def gradient_layout(self, stages: list[str]) -> None:
+        """Custom-scalars dashboard: every stage's gradient norm on one chart, and relative to the head."""
+        if self.writer is None:
+            return
+        self.writer.add_custom_scalars({
+            "Gradients": {
+                "grad_norm per stage (stem to head)": ["Multiline", [f"grad_norm/{s}" for s in stages]],
+                "grad_norm relative to head": ["Multiline", [f"grad_rel_head/{s}" for s in stages]],
+                "grad_to_weight per stage": ["Multiline", [f"grad_to_weight/{s}" for s in stages]],
+            },
+            "Training": {
+                "loss": ["Multiline", ["train/loss", "val/loss"]],
+                "accuracy": ["Multiline", ["train/acc", "val/acc"]],
+            },
+        })
+
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
+        """HParams dashboard entry written into this run's own event file (no extra run folder).
+
+        ``SummaryWriter.add_hparams`` opens a new sub-run; writing the three summaries through the
+        run's own file writer keeps hyperparameters and metrics beside the run's scalars.
+        """
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        exp, ssi, sei = hparams_summary(clean, dict(metrics))
+        file_writer = self.writer._get_file_writer()
+        for summary in (exp, ssi, sei):
+            file_writer.add_summary(summary)
+        self.scalars(metrics, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

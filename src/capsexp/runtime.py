@@ -1,0 +1,148 @@
+"""Everything device-specific in one place: device choice, precision, memory format, compile, DDP.
+
+The CUDA fast path (bf16/fp16 autocast, GradScaler, channels-last, cudnn.benchmark, compile) is
+chosen here and nowhere else; bf16 autocast and channels-last also run on CPU, which is how the
+tests exercise this path without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, ContextManager
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from capsexp.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None = fp32
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self) -> ContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # only fp16 needs loss scaling; a disabled scaler is a no-op with the same interface
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def to_device(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        non_blocking = self.device.type == "cuda"  # with pinned memory the copy overlaps compute
+        images = images.to(self.device, non_blocking=non_blocking, memory_format=fmt)
+        return images, targets.to(self.device, non_blocking=non_blocking)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def peak_memory_mb(self) -> float:
+        """CUDA peak allocated on GPU; the process's peak resident set size on CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"trainer.device must be auto, cpu, cuda, cuda:N or mps; got '{name}'.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu.")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        raise UserError(f"trainer.precision must be one of {', '.join(PRECISIONS)}; got '{precision}'.")
+    if precision == "auto":
+        if device.type != "cuda":
+            return None  # CPU stays a correct fp32 path by default
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def setup_runtime(trainer_cfg: Any) -> Runtime:
+    """Resolve device and precision; join the process group when launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _resolve_device(str(trainer_cfg.device), local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = _resolve_dtype(str(trainer_cfg.precision), device)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError("trainer.precision=fp16 needs a CUDA GPU; on CPU use fp32 or bf16.")
+    cl = trainer_cfg.channels_last
+    channels_last = device.type == "cuda" if str(cl) == "auto" else bool(cl)
+    return Runtime(device, dtype, channels_last, rank, world_size, local_rank)
+
+
+def prepare_model(model: nn.Module, rt: Runtime, compile_model: bool) -> tuple[nn.Module, nn.Module]:
+    """Move, format, wrap: returns ``(runnable, bare)``; the bare model is what gets saved and inspected."""
+    model = model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    runnable: nn.Module = model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        runnable = DistributedDataParallel(model, device_ids=ids)
+    if compile_model:
+        runnable = torch.compile(runnable)
+    return runnable, model
+
+
+def all_reduce_mean(value: Tensor, rt: Runtime) -> Tensor:
+    if rt.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= rt.world_size
+    return value
+
+
+def teardown(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()

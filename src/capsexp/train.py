@@ -1,0 +1,285 @@
+"""``train(cfg) -> dict``: one run, testable without Hydra's command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from capsexp import __version__
+from capsexp.checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
+from capsexp.config import validate
+from capsexp.data import build_datasets
+from capsexp.diagnostics import GradientMonitor
+from capsexp.engine import Loop, Objective, SignalGuard, StopTraining, TrainState, evaluate, train_one_epoch
+from capsexp.errors import UserError
+from capsexp.logger import RunLogger
+from capsexp.losses import build_loss
+from capsexp.models import build_model
+from capsexp.optim import build_optimizer, build_scheduler, param_groups
+from capsexp.runtime import Runtime, prepare_model, setup_runtime, teardown
+from capsexp.sampling import EpochSampler
+
+METRICS_FILE = "metrics.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def output_dir() -> Path:
+    """The Hydra run folder when Hydra runs us; tests pass ``run_dir`` instead."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def environment() -> dict[str, str]:
+    import hydra
+    import torchvision
+
+    return {"capsexp": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "hydra": hydra.__version__, "python": sys.version.split()[0]}
+
+
+def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
+    resume = cfg.trainer.resume
+    if resume is None:
+        if (run_dir / METRICS_FILE).exists() or any((run_dir / "checkpoints").glob("*.pt")):
+            raise UserError(f"the run folder '{run_dir}' already holds a run; capsexp never overwrites one. "
+                            f"Use trainer.resume=auto to continue it, or start a new run.")
+        return None
+    if str(resume) == "auto":
+        return newest_checkpoint(run_dir)  # nothing yet: a fresh start (pre-emptible jobs rerun as is)
+    return Path(str(resume))
+
+
+def _check_compatible(ckpt: dict[str, Any], cfg: DictConfig, num_classes: int) -> None:
+    old = ckpt.get("config", {})
+    for key in ("head.name", "adapter.name"):
+        group, name = key.split(".")
+        before = old.get(group, {}).get(name)
+        if before != cfg[group][name]:
+            raise UserError(f"trainer.resume: the checkpoint was made with {key}={before}, "
+                            f"this run has {key}={cfg[group][name]}; resume with the same {group}.")
+    if ckpt.get("num_classes") != num_classes:
+        raise UserError(f"trainer.resume: the checkpoint has {ckpt.get('num_classes')} classes, "
+                        f"data.name={cfg.data.name} has {num_classes}.")
+
+
+def _loader(ds: Dataset, cfg: DictConfig, rt: Runtime, train: bool) -> DataLoader:
+    sampler = EpochSampler(len(ds), shuffle=train, seed=int(cfg.seed), rank=rt.rank, world_size=rt.world_size)
+    workers = int(cfg.data.num_workers)
+    return DataLoader(ds, batch_size=int(cfg.data.batch_size), sampler=sampler, num_workers=workers,
+                      pin_memory=rt.device.type == "cuda", drop_last=train,
+                      persistent_workers=workers > 0)
+
+
+def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
+    """Run one experiment into ``run_dir`` (the Hydra output folder by default); return its metrics."""
+    validate(cfg)  # every value checked before data or weights are touched
+    run_dir = Path(run_dir) if run_dir is not None else output_dir()
+    resume = _resume_path(cfg, run_dir)
+    ckpt = load_checkpoint(resume) if resume is not None else None
+    seed_everything(int(cfg.seed))
+    rt = setup_runtime(cfg.trainer)
+    try:
+        return _fit(cfg, run_dir, rt, ckpt)
+    finally:
+        teardown(rt)
+
+
+def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | None) -> dict[str, Any]:
+    train_ds, val_ds, num_classes = build_datasets(cfg.data, seed=int(cfg.seed))
+    if ckpt is not None:
+        _check_compatible(ckpt, cfg, num_classes)
+    model = build_model(cfg, num_classes)
+    criterion = build_loss(cfg.loss)
+    objective = Objective(model, criterion, float(cfg.loss.get("reconstruction_weight", 0.0) or 0.0))
+    runnable, objective = prepare_model(objective, rt, bool(cfg.trainer.compile))
+    model = objective.model
+    train_loader, val_loader = _loader(train_ds, cfg, rt, True), _loader(val_ds, cfg, rt, False)
+    batches = len(train_loader) if cfg.trainer.limit_train_batches is None else \
+        min(int(cfg.trainer.limit_train_batches), len(train_loader))
+    if batches < 1:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
+                        f"({len(train_ds)} images); lower data.batch_size.")
+    max_epochs = int(cfg.trainer.max_epochs) if cfg.trainer.max_epochs is not None else None
+    max_steps = int(cfg.trainer.max_steps) if cfg.trainer.max_steps is not None else None
+    total_steps = min(s for s in (max_steps, max_epochs and max_epochs * batches) if s)
+    optimizer = build_optimizer(cfg.optim, param_groups(model, criterion, cfg.optim))
+    scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
+    scaler = rt.grad_scaler()
+    state = TrainState()
+    logger = RunLogger(run_dir / "tb" if rt.is_main else None)
+    monitor = GradientMonitor(cfg.grads, int(cfg.trainer.log_every_n_steps), logger, model.stages()) \
+        if rt.is_main else None
+    if ckpt is not None:
+        _restore(ckpt, objective, optimizer, scheduler, scaler, state, monitor)
+    show = rt.is_main and (sys.stderr.isatty() if str(cfg.trainer.progress) == "auto" else bool(cfg.trainer.progress))
+    loop = Loop(runnable, model, optimizer, scheduler, scaler, rt, cfg.trainer, monitor, logger,
+                SignalGuard(), total_steps, show, criterion)
+    if rt.is_main:
+        _announce(cfg, run_dir, rt, model, monitor, logger, ckpt is not None, state)
+    with loop.guard:
+        metrics, stop = _epochs(cfg, loop, state, train_loader, val_loader, batches, max_epochs, total_steps,
+                                run_dir, num_classes)
+    metrics = _finish(cfg, run_dir, loop, state, metrics, stop)
+    if stop is not None:
+        raise stop
+    return metrics
+
+
+def _epochs(cfg: DictConfig, loop: Loop, state: TrainState, train_loader: DataLoader, val_loader: DataLoader,
+            batches: int, max_epochs: int | None, total_steps: int, run_dir: Path,
+            num_classes: int) -> tuple[dict[str, float], StopTraining | None]:
+    """The epoch loop: train, validate, checkpoint; returns the last validation metrics."""
+    val: dict[str, float] = {}
+    while state.step < total_steps and (max_epochs is None or state.epoch < max_epochs):
+        train_loader.sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * int(cfg.data.batch_size))
+        try:
+            train_one_epoch(loop, train_loader, state, batches, total_steps)
+        except StopTraining as exc:  # weights may be poisoned: keep the last good checkpoint as it is
+            return val, exc
+        if loop.guard.received is not None:
+            path = _save(loop, state, cfg, run_dir, num_classes, "last.pt")
+            return val, StopTraining(
+                f"interrupted at step {state.step}; checkpoint saved to {path}. Continue with "
+                f"trainer.resume={path} (or trainer.resume=auto in the same run folder).", exit_code=130)
+        if state.batch_in_epoch >= batches:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        limit = cfg.trainer.limit_val_batches
+        val = evaluate(loop.objective, val_loader, loop.rt, None if limit is None else int(limit),
+                       loop.show_progress)
+        loop.logger.scalars(val | _throughput(state), state.step)
+        if val["val/acc"] > state.best_val_acc:
+            state.best_val_acc = val["val/acc"]
+            _save(loop, state, cfg, run_dir, num_classes, "best.pt")
+        _save(loop, state, cfg, run_dir, num_classes, "last.pt")
+    return val, None
+
+
+def _throughput(state: TrainState) -> dict[str, float]:
+    if state.timed_seconds <= 0:
+        return {}
+    return {"throughput/images_per_sec": state.timed_images / state.timed_seconds}
+
+
+def _save(loop: Loop, state: TrainState, cfg: DictConfig, run_dir: Path, num_classes: int, name: str) -> Path:
+    path = run_dir / "checkpoints" / name
+    if not loop.rt.is_main:
+        return path
+    save_checkpoint({
+        "model": loop.model.state_dict(),
+        "criterion": loop.criterion.state_dict(),
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "scaler": loop.scaler.state_dict(),
+        "state": state.as_dict(),
+        "monitor": loop.monitor.state_dict() if loop.monitor is not None else {},
+        "rng": torch.get_rng_state(),
+        "num_classes": num_classes,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "versions": environment(),
+    }, path)
+    return path
+
+
+def _restore(ckpt: dict[str, Any], objective: Objective, optimizer: torch.optim.Optimizer, scheduler: Any,
+             scaler: torch.amp.GradScaler, state: TrainState, monitor: GradientMonitor | None) -> None:
+    objective.model.load_state_dict(ckpt["model"])
+    objective.criterion.load_state_dict(ckpt["criterion"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    for key, value in ckpt["state"].items():
+        setattr(state, key, value)
+    if monitor is not None:
+        monitor.load_state_dict(ckpt.get("monitor", {}))
+    torch.set_rng_state(ckpt["rng"])
+
+
+def _announce(cfg: DictConfig, run_dir: Path, rt: Runtime, model: Any, monitor: GradientMonitor,
+              logger: RunLogger, resumed: bool, state: TrainState) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = ", ".join(monitor.frozen) or "none"
+    where = f"resumed at step {state.step}" if resumed else "new run"
+    print(f"capsexp: {where} in {run_dir}\ncapsexp: device {rt.device} ({rt.precision}, world size "
+          f"{rt.world_size}); head={cfg.head.name} adapter={cfg.adapter.name} loss={cfg.loss.name}; "
+          f"{trainable / 1e6:.2f}M trainable parameters; frozen stages: {frozen}", flush=True)
+    logger.text("config", "```\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```", state.step)
+    logger.text("frozen_stages", f"frozen stages (no gradient tags): {frozen}", state.step)
+    logger.gradient_layout([s for s in model.stages() if s not in monitor.frozen])
+
+
+def _finish(cfg: DictConfig, run_dir: Path, loop: Loop, state: TrainState, val: dict[str, float],
+            stop: StopTraining | None) -> dict[str, Any]:
+    """metrics.json, the HParams entry, the gradient table in the terminal."""
+    grads = loop.monitor.summary() if loop.monitor is not None else {}
+    status = "completed" if stop is None else ("interrupted" if stop.exit_code == 130 else "failed")
+    metrics: dict[str, Any] = {
+        "val/acc": val.get("val/acc", float("nan")),
+        "val/loss": val.get("val/loss", float("nan")),
+        "best/val/acc": state.best_val_acc if state.best_val_acc > float("-inf") else float("nan"),
+        "train/loss": state.last_train_loss,
+        "steps": state.step,
+        "epochs": state.epoch,
+        "images_per_sec": _throughput(state).get("throughput/images_per_sec", float("nan")),
+        "skipped_steps": state.skipped_steps,
+        **grads,
+        "alarm/vanishing_gradients": loop.monitor.alarm_message if loop.monitor is not None else None,
+        "status": status,
+    }
+    if not loop.rt.is_main:
+        return metrics
+    hparams = {k: v for k, v in _flat(OmegaConf.to_container(cfg, resolve=True)).items()
+               if not k.startswith("hydra")}
+    numeric = {f"summary/{k}": float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    loop.logger.hparams(hparams, numeric, state.step)
+    loop.logger.close()
+    tmp = run_dir / f".{METRICS_FILE}.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, run_dir / METRICS_FILE)
+    _print_summary(metrics, grads)
+    return metrics
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _print_summary(metrics: dict[str, Any], grads: dict[str, float]) -> None:
+    print(f"capsexp: {metrics['status']} after {metrics['steps']} steps: val/acc {metrics['val/acc']:.4f} "
+          f"(best {metrics['best/val/acc']:.4f}), val/loss {metrics['val/loss']:.4f}, "
+          f"{metrics['images_per_sec']:.1f} images/s", flush=True)
+    if not grads:
+        return
+    head = grads.get("grad_norm/head")
+    print("median gradient norm per stage over the run:")
+    print(f"  {'stage':<8} {'grad_norm':>11} {'/ head':>9}")
+    for key, value in grads.items():
+        if key == "grad_norm/total":
+            continue
+        rel = f"{value / head:9.3g}" if head else f"{'':>9}"
+        print(f"  {key.split('/', 1)[1]:<8} {value:11.4g} {rel}")
+    if metrics.get("alarm/vanishing_gradients"):
+        print(f"  ! {metrics['alarm/vanishing_gradients']}")

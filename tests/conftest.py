@@ -1,0 +1,40 @@
+"""Shared fixtures: compose capsexp's own configs and make them tiny enough for a 2-core CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+# a tiny CPU run: 32 px images (1x1 feature map), a few steps, everything logged every step
+TINY = [
+    "data.image_size=32", "data.train_size=48", "data.val_size=16", "data.batch_size=8",
+    "trainer.max_epochs=1", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
+    "trainer.warmup_steps_excluded=1", "trainer.progress=false",
+    "grads.log_every_n_steps=1", "grads.figure_every_n_steps=2", "optim.warmup_steps=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the shapes dataset cache lives in one temp folder per session, never in the user's home
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
+    """The composed config, as ``capsexp train`` would see it, with the tiny settings first."""
+    with initialize_config_module(config_module="capsexp.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=[*(TINY if tiny else []), *overrides])
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run the real ``capsexp`` command in a subprocess (the way a user does)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "capsexp", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

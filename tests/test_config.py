@@ -1,0 +1,43 @@
+"""Every config group option composes, and validation accepts every shipped option."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import pytest
+
+from capsexp.config import validate
+from conftest import make_cfg
+
+CONF = resources.files("capsexp.conf")
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
+OPTIONS = [(g, p.name[:-5]) for g in GROUPS for p in sorted(CONF.joinpath(g).iterdir(), key=lambda p: p.name)
+           if p.name.endswith(".yaml")]
+
+
+def test_the_issue_groups_exist() -> None:
+    for group in ("backbone", "head", "adapter", "loss", "data", "optim", "trainer", "grads", "experiment"):
+        assert group in GROUPS
+
+
+@pytest.mark.parametrize("group,option", [o for o in OPTIONS if o[0] not in ("experiment", "launcher")])
+def test_every_option_composes_and_validates(group: str, option: str) -> None:
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "imagefolder":
+        overrides.append("data.root=/somewhere")
+    cfg = make_cfg(*overrides, tiny=group != "data")  # tiny sets shapes-only keys
+    assert cfg[group].name == option if "name" in cfg[group] else True
+    validate(cfg)
+
+
+def test_capsule_head_defaults_to_margin_loss_and_loss_override_wins() -> None:
+    assert make_cfg("head=capsule").loss.name == "margin"
+    assert make_cfg("head=capsule", "loss=ce").loss.name == "ce"
+    assert make_cfg("head=fc").loss.name == "ce"
+    assert make_cfg("head=fc", "loss=margin").loss.name == "margin"
+
+
+def test_the_default_run_is_the_documented_one() -> None:
+    cfg = make_cfg(tiny=False)
+    assert (cfg.head.name, cfg.adapter.name, cfg.loss.name, cfg.data.name) == ("fc", "none", "ce", "shapes")
+    assert cfg.backbone.weights is None  # offline by default

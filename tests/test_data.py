@@ -1,0 +1,281 @@
+"""Tests for capsexp.data: procedural shapes, its disk cache, image folders, errors and loaders."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch.utils.data.distributed import DistributedSampler
+
+from capsexp import data
+from capsexp.data import (IMAGENET_MEAN, IMAGENET_STD, SHAPES_CLASSES, DataError, ShapesDataset,
+                          build_datasets, build_loaders, build_transform, render_shapes)
+
+CONF = Path(data.__file__).parent / "conf" / "data"
+N_CLASSES = len(SHAPES_CLASSES)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Keep the default cache out of the real home folder.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+def data_cfg(dataset: str, **overrides: object) -> DictConfig:
+    """The shipped config of ``dataset`` with ``overrides`` applied."""
+    cfg = OmegaConf.load(CONF / f"{dataset}.yaml")
+    cfg.merge_with(overrides)
+    return cfg
+
+
+def unnormalise(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+
+
+def make_folder(root: Path, classes: dict[str, int], size: int = 8) -> None:
+    """``count`` small images per class under ``root/<class>/``, one of them grey-scale."""
+    for c, (name, count) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            mode = "L" if i == 0 else "RGB"
+            colour = 40 * c + 20 * i if mode == "L" else (40 * c, 20 * i, 100)
+            Image.new(mode, (size, size + 2), colour).save(root / name / f"{i}.png")
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def test_shapes_deterministic_per_seed() -> None:
+    a = ShapesDataset("train", 16, 32, seed=0, cache=False)
+    b = ShapesDataset("train", 16, 32, seed=0, cache=False)
+    c = ShapesDataset("train", 16, 32, seed=1, cache=False)
+    assert torch.equal(a.images, b.images)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_shapes_image_depends_only_on_seed_split_index() -> None:
+    assert torch.equal(render_shapes("train", 8, 32, 0), render_shapes("train", 16, 32, 0)[:8])
+
+
+def test_shapes_balanced_and_labels_cycle() -> None:
+    ds = ShapesDataset("train", 3 * N_CLASSES, 32, seed=0, cache=False)
+    counts = Counter(ds[i][1] for i in range(len(ds)))
+    assert counts == {c: 3 for c in range(N_CLASSES)}
+    assert [ds[i][1] for i in range(N_CLASSES)] == list(range(N_CLASSES))
+
+
+def test_shapes_train_and_val_are_disjoint() -> None:
+    train = render_shapes("train", 16, 32, 0)
+    val = render_shapes("val", 16, 32, 0)
+    # No val image equals any train image.
+    assert not (train[:, None] == val[None]).flatten(2).all(-1).any()
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_shapes_items_normalised_float_3xSxS(size: int) -> None:
+    ds = ShapesDataset("val", N_CLASSES, size, seed=0, cache=False)
+    image, label = ds[3]
+    assert image.shape == (3, size, size) and image.dtype == torch.float32
+    assert isinstance(label, int) and label == 3
+    pixels = unnormalise(image)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    assert torch.allclose(pixels * 255, ds.images[3].float(), atol=1e-3)
+
+
+def radial_profile(images: torch.Tensor, bins: int = 8) -> torch.Tensor:
+    """Rotation-, scale- and position-free outline features of uint8 shapes ``[N, 3, S, S]``.
+
+    The foreground is whatever differs strongly from the border's median colour (the clutter
+    stays close to it); the features are its fill fraction in rings around its centroid.
+    """
+    x = images.float()
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 0], x[..., -1]], dim=2).median(dim=2).values
+    mask = ((x - border[..., None, None]).norm(dim=1) > 100).float()
+    ys, xs = torch.meshgrid(*(torch.arange(x.shape[-1], dtype=torch.float32),) * 2, indexing="ij")
+    area = mask.sum((1, 2))
+    cy, cx = ((mask * ys).sum((1, 2)) / area), ((mask * xs).sum((1, 2)) / area)
+    r = ((ys - cy[:, None, None]) ** 2 + (xs - cx[:, None, None]) ** 2).sqrt()
+    rel = r / (r * mask).flatten(1).max(1).values[:, None, None]
+    ring = (rel[:, None] * bins).floor().clamp(max=bins - 1) == torch.arange(bins).view(1, bins, 1, 1)
+    return (ring * mask[:, None]).sum((2, 3)) / ring.sum((2, 3)).clamp(min=1)
+
+
+def test_shapes_learnable_from_outline() -> None:
+    # Nearest class centroid on outline features, ignoring colour: far above chance.
+    train, val = render_shapes("train", 30 * N_CLASSES, 32, 0), render_shapes("val", 20 * N_CLASSES, 32, 0)
+    f_train, f_val = radial_profile(train), radial_profile(val)
+    labels = torch.arange(len(f_train)) % N_CLASSES
+    centroids = torch.stack([f_train[labels == c].mean(0) for c in range(N_CLASSES)])
+    accuracy = (torch.cdist(f_val, centroids).argmin(1) == torch.arange(len(f_val)) % N_CLASSES).float().mean()
+    assert accuracy > 0.8
+
+
+def test_shapes_cache_written_then_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = ShapesDataset("train", 10, 32, seed=3, cache_dir=tmp_path)
+    assert first.cache_path.parent == tmp_path and first.cache_path.is_file()
+    assert "seed3" in first.cache_path.name and "train" in first.cache_path.name
+    assert not list(tmp_path.glob("*.tmp"))  # the temp file was renamed into place
+
+    def no_render(*args: object) -> torch.Tensor:
+        raise AssertionError("rendered although a valid cache exists")
+
+    monkeypatch.setattr(data, "render_shapes", no_render)
+    second = ShapesDataset("train", 10, 32, seed=3, cache_dir=tmp_path)
+    assert torch.equal(first.images, second.images)
+
+
+def test_shapes_corrupt_cache_is_rendered_again(tmp_path: Path) -> None:
+    first = ShapesDataset("val", 10, 32, seed=0, cache_dir=tmp_path)
+    first.cache_path.write_bytes(b"not a tensor file")
+    again = ShapesDataset("val", 10, 32, seed=0, cache_dir=tmp_path)
+    assert torch.equal(first.images, again.images)
+    assert torch.equal(torch.load(again.cache_path, weights_only=True)["images"], first.images)
+
+
+def test_shapes_default_cache_under_xdg(tmp_path: Path) -> None:
+    ds = ShapesDataset("val", 4, 32, seed=0)
+    assert ds.cache_path.parent == tmp_path / "xdg" / "capsexp" and ds.cache_path.is_file()
+
+
+def test_build_datasets_shapes(tmp_path: Path) -> None:
+    cfg = data_cfg("shapes", train_size=16, val_size=8, image_size=32, root=str(tmp_path))
+    train, val, num_classes = build_datasets(cfg, seed=0)
+    assert (len(train), len(val), num_classes) == (16, 8, N_CLASSES) and N_CLASSES >= 6
+    assert train[0][0].shape == (3, 32, 32)
+
+
+# ---------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    ({"name": "imagenet"}, "data.name"),
+    ({"image_size": 0}, "data.image_size"),
+    ({"image_size": "big"}, "data.image_size"),
+    ({"batch_size": -1}, "data.batch_size"),
+    ({"train_size": 0}, "data.train_size"),
+])
+def test_bad_config_names_the_key(overrides: dict, key: str) -> None:
+    with pytest.raises(DataError, match=key) as err:
+        build_datasets(data_cfg("shapes", **overrides), seed=0)
+    if key == "data.name":
+        assert "'imagenet'" in str(err.value) and "cifar10" in str(err.value)
+
+
+def test_missing_cifar10_without_download(tmp_path: Path) -> None:
+    cfg = data_cfg("cifar10", root=str(tmp_path / "cifar10"), download=False)
+    with pytest.raises(DataError, match="data.download=true") as err:
+        build_datasets(cfg, seed=0)
+    assert str(err.value).startswith("data.root: no CIFAR-10 found at")
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_grey_scale_becomes_three_channels(name: str) -> None:
+    digit = Image.new("L", (28, 28), 0)
+    digit.paste(255, (10, 4, 18, 24))
+    for train in (False, True):
+        out = build_transform(name, 32, train=train)(digit)
+        assert out.shape == (3, 32, 32) and type(out) is torch.Tensor
+        pixels = unnormalise(out)
+        assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[1], pixels[2], atol=1e-5)
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def test_imagefolder_flat_root_is_split_by_seed(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"cats": 4, "dogs": 4})
+    cfg = data_cfg("imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.25)
+    train, val, num_classes = build_datasets(cfg, seed=0)
+    assert (num_classes, len(train), len(val)) == (2, 6, 2)
+    assert sorted(val[i][1] for i in range(len(val))) == [0, 1]  # every class reaches validation
+    for ds in (train, val):
+        image, label = ds[0]
+        assert image.shape == (3, 16, 16) and label in (0, 1)
+        assert unnormalise(image).min() >= -1e-5 and unnormalise(image).max() <= 1 + 1e-5
+    again, _, _ = build_datasets(cfg, seed=0)
+    assert train.indices == again.indices
+
+
+def test_imagefolder_train_val_layout(tmp_path: Path) -> None:
+    make_folder(tmp_path / "train", {"a": 2, "b": 2, "c": 2})
+    make_folder(tmp_path / "val", {"a": 1, "b": 1, "c": 1})
+    train, val, num_classes = build_datasets(data_cfg("imagefolder", root=str(tmp_path), image_size=12), 0)
+    assert (num_classes, len(train), len(val)) == (3, 6, 3)
+    assert val[2][0].shape == (3, 12, 12) and val[2][1] == 2
+
+
+@pytest.mark.parametrize(("layout", "words"), [
+    ("missing", "no folder at"),
+    ("empty", "no class subfolders"),
+    ("one_class", "only one class folder ('cats')"),
+    ("empty_class", "hold no images"),
+    ("unset", "not set"),
+])
+def test_imagefolder_errors_name_data_root(tmp_path: Path, layout: str, words: str) -> None:
+    root = tmp_path / "images"
+    if layout == "empty":
+        root.mkdir()
+    elif layout == "one_class":
+        make_folder(root, {"cats": 2})
+    elif layout == "empty_class":
+        make_folder(root, {"cats": 2})
+        (root / "dogs").mkdir()
+    cfg = data_cfg("imagefolder") if layout == "unset" else data_cfg("imagefolder", root=str(root))
+    with pytest.raises(DataError, match="data.root") as err:
+        build_datasets(cfg, seed=0)
+    assert words in str(err.value)
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def small_shapes(tmp_path: Path, batch_size: int = 4, num_workers: int = 0) -> tuple:
+    cfg = data_cfg("shapes", train_size=18, val_size=6, image_size=16, root=str(tmp_path),
+                   batch_size=batch_size, num_workers=num_workers)
+    train, val, _ = build_datasets(cfg, seed=0)
+    return cfg, train, val
+
+
+def test_loader_order_reproducible_and_drop_last(tmp_path: Path) -> None:
+    cfg, train, val = small_shapes(tmp_path)
+    order = lambda seed: [y.tolist() for _, y in build_loaders(cfg, train, val, seed=seed)[0]]  # noqa: E731
+    assert order(0) == order(0) != order(1)
+    assert len(order(0)) == 4 and all(len(b) == 4 for b in order(0))  # 18 // 4, last partial dropped
+    train_loader, val_loader = build_loaders(cfg, train, val, seed=0)
+    assert [y.tolist() for _, y in val_loader] == [[0, 1, 2, 3], [4, 5]]
+    loader = iter(train_loader)
+    assert [y.tolist() for _, y in loader] != [y.tolist() for _, y in train_loader]  # reshuffled each epoch
+
+
+def test_loader_options_passed_through(tmp_path: Path) -> None:
+    cfg, train, val = small_shapes(tmp_path, num_workers=2)
+    train_loader, val_loader = build_loaders(cfg, train, val, seed=0, pin_memory=True)
+    for loader in (train_loader, val_loader):
+        assert loader.persistent_workers and loader.pin_memory and loader.num_workers == 2
+    cfg.num_workers = 0
+    assert not build_loaders(cfg, train, val, seed=0)[0].persistent_workers
+
+
+def test_batch_larger_than_train_set(tmp_path: Path) -> None:
+    cfg, train, val = small_shapes(tmp_path, batch_size=32)
+    with pytest.raises(DataError, match="data.batch_size"):
+        build_loaders(cfg, train, val, seed=0)
+
+
+def test_distributed_loaders_use_seeded_samplers(tmp_path: Path) -> None:
+    cfg, train, val = small_shapes(tmp_path)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        train_loader, val_loader = build_loaders(cfg, train, val, seed=5, distributed=True)
+    finally:
+        dist.destroy_process_group()
+    assert isinstance(train_loader.sampler, DistributedSampler) and train_loader.sampler.shuffle
+    assert train_loader.sampler.seed == 5 and train_loader.drop_last
+    assert isinstance(val_loader.sampler, DistributedSampler) and not val_loader.sampler.shuffle
+    train_loader.sampler.set_epoch(1)
