@@ -77,7 +77,9 @@ class Backbone(nn.Module):
 
 def build_backbone(cfg: Any) -> Backbone:
     """Build the trunk from the ``backbone`` config group: weights, then freezing."""
-    resnet = torchvision.models.get_model(cfg.name, weights=None)
+    # zero-initialised last BN of each residual block: a random-init trunk starts as a shallow
+    # network with well-scaled outputs (Goyal et al. 2017); loaded weights overwrite it anyway
+    resnet = torchvision.models.get_model(cfg.name, weights=None, zero_init_residual=True)
     weights = cfg.weights
     if weights is not None:
         state = _torchvision_state(cfg.name, str(weights)) if str(weights) in TORCHVISION_WEIGHTS \

@@ -1,0 +1,94 @@
+"""``train(cfg)`` end to end into a temporary folder: outputs, tags, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from capsexp.checkpoint import load_checkpoint
+from capsexp.errors import UserError
+from capsexp.train import train
+from conftest import make_cfg
+
+RUNNER_TAGS = {"train/loss", "train/acc", "val/loss", "val/acc", "lr", "throughput/images_per_sec"}
+METRIC_KEYS = {"val/acc", "val/loss", "best/val/acc", "train/loss", "steps", "epochs", "images_per_sec"}
+
+
+def scalar_tags(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Read the event files back with tensorboard's own reader, keeping every point."""
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def fc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    run_dir = tmp_path_factory.mktemp("fc_run")
+    metrics = train(make_cfg("trainer.max_steps=6", "trainer.max_epochs=2", "data.train_size=32"),
+                    run_dir=run_dir)
+    return run_dir, metrics
+
+
+def test_a_run_writes_tb_checkpoints_and_metrics(fc_run: tuple[Path, dict]) -> None:
+    run_dir, metrics = fc_run
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(on_disk)
+    assert on_disk["steps"] == 6 and on_disk["epochs"] == 1  # 32 images / batch 8 = 4 per epoch
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk["images_per_sec"] > 0
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "environment.json").is_file()
+
+
+def test_event_files_hold_the_runner_tags(fc_run: tuple[Path, dict]) -> None:
+    tags = scalar_tags(fc_run[0])
+    assert RUNNER_TAGS <= set(tags)
+    assert [step for step, _ in tags["train/loss"]] == list(range(1, 7))  # x-axis: optimizer step
+    assert len(tags["val/acc"]) == 2  # one validation per epoch
+
+
+def test_checkpoint_holds_everything_needed_to_continue(fc_run: tuple[Path, dict]) -> None:
+    ckpt = load_checkpoint(fc_run[0] / "checkpoints" / "last.pt")
+    for key in ("model", "optimizer", "scheduler", "state", "config", "num_classes"):
+        assert key in ckpt
+    assert ckpt["state"]["step"] == 6
+    assert ckpt["config"]["head"]["name"] == "fc"
+
+
+def test_resume_continues_the_step_count_and_schedule(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    train(make_cfg("trainer.max_steps=4", "trainer.max_epochs=3", "data.train_size=32"), run_dir=first)
+    resumed = tmp_path / "resumed"
+    ckpt = first / "checkpoints" / "last.pt"
+    metrics = train(make_cfg("trainer.max_steps=8", "trainer.max_epochs=3", "data.train_size=32",
+                             f"trainer.resume={ckpt}"), run_dir=resumed)
+    assert metrics["steps"] == 8
+    steps = [s for s, _ in scalar_tags(resumed)["train/loss"]]
+    assert steps == [5, 6, 7, 8]  # continues at step 5, never restarts at 1
+    state = load_checkpoint(resumed / "checkpoints" / "last.pt")
+    assert state["scheduler"]["_last_lr"] != load_checkpoint(ckpt)["scheduler"]["_last_lr"]
+
+
+def test_a_run_folder_is_never_overwritten(fc_run: tuple[Path, dict]) -> None:
+    run_dir, _ = fc_run
+    before = (run_dir / "metrics.json").read_bytes()
+    with pytest.raises(UserError, match="never overwrites"):
+        train(make_cfg(), run_dir=run_dir)
+    assert (run_dir / "metrics.json").read_bytes() == before
+
+
+def test_frozen_backbone_trains_only_adapter_and_head(tmp_path: Path) -> None:
+    metrics = train(make_cfg("backbone.freeze_depth=5", "adapter=conv", "adapter.width=16",
+                              "trainer.max_steps=2"), run_dir=tmp_path)
+    assert "grad_norm/stem" not in metrics and "grad_norm/head" in metrics
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    fresh = make_cfg()
+    assert ckpt["config"]["backbone"]["freeze_depth"] == 5 and fresh.backbone.freeze_depth == 0
+    tags = scalar_tags(tmp_path)
+    assert not any(t.startswith(("grad_norm/layer", "grad_norm/stem")) for t in tags)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
