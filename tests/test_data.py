@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch.utils.data.distributed import DistributedSampler
 
 from capsexp import data
 from capsexp.data import (IMAGENET_MEAN, IMAGENET_STD, SHAPES_CLASSES, DataError, ShapesDataset,
@@ -253,8 +251,13 @@ def test_loader_order_reproducible_and_drop_last(tmp_path: Path) -> None:
     assert [len(b) for b in first_epoch(0)] == [4, 4, 4, 4]  # 18 images: the partial batch is dropped
     train_loader, val_loader = build_loaders(cfg, train, val, seed=0)
     assert [y.tolist() for _, y in val_loader] == [[0, 1, 2, 3], [4, 5]]
-    epochs = [[y.tolist() for _, y in train_loader] for _ in range(2)]
+    epochs = []
+    for epoch in range(2):
+        train_loader.sampler.set_epoch(epoch)
+        epochs.append([y.tolist() for _, y in train_loader])
     assert epochs[0] != epochs[1]  # a new order every epoch
+    train_loader.sampler.set_epoch(0, skip=8)  # resuming after two batches of 4
+    assert [y.tolist() for _, y in train_loader] == epochs[0][2:]
 
 
 def test_loader_options_passed_through(tmp_path: Path) -> None:
@@ -272,14 +275,11 @@ def test_batch_larger_than_train_set(tmp_path: Path) -> None:
         build_loaders(cfg, train, val, seed=0)
 
 
-def test_distributed_loaders_use_seeded_samplers(tmp_path: Path) -> None:
-    cfg, train, val = small_shapes(tmp_path)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        train_loader, val_loader = build_loaders(cfg, train, val, seed=5, distributed=True)
-    finally:
-        dist.destroy_process_group()
-    assert isinstance(train_loader.sampler, DistributedSampler) and train_loader.sampler.shuffle
-    assert train_loader.sampler.seed == 5 and train_loader.drop_last
-    assert isinstance(val_loader.sampler, DistributedSampler) and not val_loader.sampler.shuffle
-    train_loader.sampler.set_epoch(1)
+def test_ddp_shards_make_up_the_single_process_batches(tmp_path: Path) -> None:
+    cfg, train, val = small_shapes(tmp_path, batch_size=2)
+    shards = [build_loaders(cfg, train, val, seed=5, rank=r, world_size=2)[0] for r in range(2)]
+    cfg.batch_size = 4
+    single = build_loaders(cfg, train, val, seed=5)[0]
+    per_rank = [[sorted(y.tolist()) for _, y in loader] for loader in shards]
+    for k, (_, y) in enumerate(single):  # global batch k = the union of the ranks' batch k
+        assert sorted(per_rank[0][k] + per_rank[1][k]) == sorted(y.tolist())

@@ -1,18 +1,32 @@
 """The ``capsexp`` command: ``train`` and ``bench`` (Hydra apps) and ``report`` (a folder in, a table out).
 
 Each Hydra entry point is a thin wrapper: all the work happens in functions tests call directly.
+The ``capsexp_sweep_subdir`` resolver used by ``hydra.sweep.subdir`` names every sweep job's folder
+(and so its TensorBoard run) by the swept keys only.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
-from typing import Callable, NoReturn
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from capsexp.errors import UserError
+
+# The command line travels to every job through the environment: joblib workers and Slurm jobs
+# (sbatch exports the environment) resolve the folder name in their own process, where sys.argv
+# is not the user's command line.
+COMMAND_LINE_ENV = "CAPSEXP_COMMAND_LINE"
+# a rerun of a pre-empted job with trainer.resume=auto must land in the same folder
+SUBDIR_EXCLUDED = frozenset({"trainer.resume"})
+MAX_SUBDIR_CHARS = 120  # well below the 255-byte file-name limit, with room for the job number
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]")  # '/' above all: a path value must not make subfolders
 
 USAGE = """usage: capsexp <command> [options]
 
@@ -33,6 +47,13 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+def _user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError a resolver raised, which OmegaConf wraps (twice) as the exception's context."""
+    while exc is not None and not isinstance(exc, UserError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
 def _guarded(work: Callable[[], object]) -> object:
     from capsexp.data import DataError
     from capsexp.engine import StopTraining
@@ -41,6 +62,11 @@ def _guarded(work: Callable[[], object]) -> object:
         return work()
     except (UserError, DataError) as exc:
         _fail(str(exc))
+    except InterpolationResolutionError as exc:  # e.g. a preset's required value (capsexp_required)
+        cause = _user_error_in(exc)
+        if cause is None:
+            raise
+        _fail(str(cause))
     except StopTraining as exc:
         _fail(str(exc), exc.exit_code)
 
@@ -66,6 +92,73 @@ def report_main(argv: list[str]) -> None:
     _guarded(lambda: report(argv))
 
 
+def _parse_overrides(items: Iterable[str]) -> list[Any]:
+    """Hydra's parse of each item on its own; what is not an override (a flag, its value) is skipped."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = []
+    for item in items:
+        try:
+            parsed.append(parser.parse_override(str(item)))
+        except Exception:  # noqa: BLE001 -- '-m', '--cfg', 'job' and the like are not overrides
+            continue
+    return parsed
+
+
+def _is_hydra_key(key: str) -> bool:
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+def swept_keys(command_line: Sequence[str], sweeper_params: Mapping[str, Any] | None) -> list[str]:
+    """The keys that vary between the jobs of a sweep, sorted (so the order typed does not matter).
+
+    A command-line sweep (``a,b``, ``range()``, ``choice()``, ``glob()``, ``interval()``) varies; so
+    does a sweep in ``hydra.sweeper.params`` unless the command line pins that key to one value
+    (the command line wins in Hydra's sweeper).
+    """
+    given = {o.key_or_group: o.is_sweep_override() for o in _parse_overrides(command_line)
+             if not _is_hydra_key(o.key_or_group)}
+    keys = {key for key, sweep in given.items() if sweep}
+    params = _parse_overrides(f"{k}={v}" for k, v in (sweeper_params or {}).items())
+    keys |= {o.key_or_group for o in params if o.is_sweep_override() and o.key_or_group not in given}
+    return sorted(keys - SUBDIR_EXCLUDED)
+
+
+def sweep_subdir(job_overrides: Sequence[str], keys: Sequence[str], job_num: int) -> str:
+    """One job's folder name: ``<job number>_<key=value,...>`` over the swept ``keys``.
+
+    The job number always leads: it keeps names unique where the values alone would not (a value
+    repeated in a sweep, two values that differ only in characters replaced here, a truncated name)
+    and lists the folders in launch order. Nothing swept: the job number alone.
+    """
+    values = {o.key_or_group: o.get_value_element_as_str() for o in _parse_overrides(job_overrides)}
+    name = _UNSAFE.sub("_", ",".join(f"{k}={values[k]}" for k in keys if k in values))
+    number = f"{int(job_num):02d}"
+    return f"{number}_{name[:MAX_SUBDIR_CHARS]}" if name else number
+
+
+def _sweep_subdir_resolver(job_num: Any, *, _root_: DictConfig) -> str:
+    task = OmegaConf.select(_root_, "hydra.overrides.task", default=None)
+    params = OmegaConf.select(_root_, "hydra.sweeper.params", default=None)
+    try:
+        command_line = json.loads(os.environ.get(COMMAND_LINE_ENV, "[]"))
+    except ValueError:
+        command_line = []
+    keys = swept_keys(command_line if isinstance(command_line, list) else [],
+                      OmegaConf.to_container(params) if params is not None else {})
+    return sweep_subdir(list(task) if task is not None else [], keys, job_num)
+
+
+def _required(message: str) -> NoReturn:
+    """``${capsexp_required:'...'}``: a value the user must pass (a merged ``???`` would not override)."""
+    raise UserError(message)
+
+
+# registered on import: joblib workers import this module when they unpickle the task function
+OmegaConf.register_new_resolver("capsexp_sweep_subdir", _sweep_subdir_resolver, replace=True)
+OmegaConf.register_new_resolver("capsexp_required", _required, replace=True)
+
 COMMANDS = {"train": train_app, "bench": bench_app}
 
 
@@ -85,6 +178,7 @@ def main() -> None:
             print(f"capsexp: error: unknown command '{command}'; use one of train, bench, report.",
                   file=sys.stderr)
             sys.exit(2)
+    os.environ[COMMAND_LINE_ENV] = json.dumps(argv[1:])  # read back by capsexp_sweep_subdir
     sys.argv = [sys.argv[0], *argv[1:]]  # Hydra parses sys.argv itself
     COMMANDS[command]()
 

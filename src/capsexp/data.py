@@ -21,9 +21,10 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, Subset
-from torch.utils.data.distributed import DistributedSampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
+
+from capsexp.sampling import EpochSampler
 
 log = logging.getLogger(__name__)
 
@@ -358,27 +359,24 @@ def build_datasets(cfg: Any, seed: int) -> tuple[Dataset, Dataset, int]:
     return _build_torchvision(cfg, name, image_size)
 
 
-def build_loaders(cfg: Any, train_ds: Dataset, val_ds: Dataset, *, seed: int,
-                  pin_memory: bool = False, distributed: bool = False) -> tuple[DataLoader, DataLoader]:
-    """Train and val loaders over ``train_ds`` and ``val_ds``.
+def build_loaders(cfg: Any, train_ds: Dataset, val_ds: Dataset, *, seed: int, pin_memory: bool = False,
+                  rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
+    """Train and val loaders over ``train_ds`` and ``val_ds``, sharded for DDP rank ``rank``.
 
-    The train order is shuffled from ``seed``, so two runs see the same batches.
-    With ``distributed`` both use a ``DistributedSampler``, reachable as
-    ``loader.sampler`` for ``set_epoch``; the train loader drops its last partial batch.
+    Both use an ``EpochSampler`` (``loader.sampler.set_epoch(epoch, skip)``): the train order is
+    a permutation seeded by ``seed`` and the epoch, so two runs, and a run resumed mid-epoch, see
+    the same batches. The train loader drops its last partial batch.
     """
     batch_size = _int_at_least(cfg, "batch_size", 1)
     num_workers = _int_at_least(cfg, "num_workers", 0, default=0)
-    train_sampler = DistributedSampler(train_ds, shuffle=True, seed=seed) if distributed else None
-    val_sampler = DistributedSampler(val_ds, shuffle=False, seed=seed) if distributed else None
-    per_process = len(train_sampler) if train_sampler is not None else len(train_ds)
-    if per_process < batch_size:
-        where = " per process" if distributed else ""
-        raise DataError(f"data.batch_size ({batch_size}) exceeds the training set ({per_process} "
+    train_sampler = EpochSampler(len(train_ds), True, seed, rank, world_size)
+    val_sampler = EpochSampler(len(val_ds), False, seed, rank, world_size)
+    if len(train_sampler) < batch_size:
+        where = " per process" if world_size > 1 else ""
+        raise DataError(f"data.batch_size ({batch_size}) exceeds the training set ({len(train_sampler)} "
                         f"images{where}), so no full batch exists; lower data.batch_size or add data.")
     common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers,
                               "pin_memory": pin_memory, "persistent_workers": num_workers > 0}
-    # The seeded generator drives the shuffle and the workers' base seeds, so augmentation replays too.
-    train = DataLoader(train_ds, shuffle=train_sampler is None, sampler=train_sampler, drop_last=True,
-                       generator=torch.Generator().manual_seed(seed), **common)
-    val = DataLoader(val_ds, shuffle=False, sampler=val_sampler, drop_last=False, **common)
+    train = DataLoader(train_ds, sampler=train_sampler, drop_last=True, **common)
+    val = DataLoader(val_ds, sampler=val_sampler, drop_last=False, **common)
     return train, val

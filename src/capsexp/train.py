@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from capsexp import __version__
 from capsexp.checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
 from capsexp.config import validate
-from capsexp.data import build_datasets
+from capsexp.data import build_datasets, build_loaders
 from capsexp.diagnostics import GradientMonitor
 from capsexp.engine import Loop, Objective, SignalGuard, StopTraining, TrainState, evaluate, train_one_epoch
 from capsexp.errors import UserError
@@ -26,7 +26,6 @@ from capsexp.losses import build_loss
 from capsexp.models import build_model
 from capsexp.optim import build_optimizer, build_scheduler, param_groups
 from capsexp.runtime import Runtime, prepare_model, setup_runtime, teardown
-from capsexp.sampling import EpochSampler
 
 METRICS_FILE = "metrics.json"
 
@@ -48,7 +47,8 @@ def environment() -> dict[str, str]:
     import hydra
     import torchvision
 
-    return {"capsexp": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    # plain str: torch's TorchVersion would make checkpoints unreadable by torch.load(weights_only=True)
+    return {"capsexp": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "hydra": hydra.__version__, "python": sys.version.split()[0]}
 
 
@@ -77,14 +77,6 @@ def _check_compatible(ckpt: dict[str, Any], cfg: DictConfig, num_classes: int) -
                         f"data.name={cfg.data.name} has {num_classes}.")
 
 
-def _loader(ds: Dataset, cfg: DictConfig, rt: Runtime, train: bool) -> DataLoader:
-    sampler = EpochSampler(len(ds), shuffle=train, seed=int(cfg.seed), rank=rt.rank, world_size=rt.world_size)
-    workers = int(cfg.data.num_workers)
-    return DataLoader(ds, batch_size=int(cfg.data.batch_size), sampler=sampler, num_workers=workers,
-                      pin_memory=rt.device.type == "cuda", drop_last=train,
-                      persistent_workers=workers > 0)
-
-
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Run one experiment into ``run_dir`` (the Hydra output folder by default); return its metrics."""
     validate(cfg)  # every value checked before data or weights are touched
@@ -108,7 +100,9 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     objective = Objective(model, criterion, float(cfg.loss.get("reconstruction_weight", 0.0) or 0.0))
     runnable, objective = prepare_model(objective, rt, bool(cfg.trainer.compile))
     model = objective.model
-    train_loader, val_loader = _loader(train_ds, cfg, rt, True), _loader(val_ds, cfg, rt, False)
+    train_loader, val_loader = build_loaders(cfg.data, train_ds, val_ds, seed=int(cfg.seed),
+                                             pin_memory=rt.device.type == "cuda", rank=rt.rank,
+                                             world_size=rt.world_size)
     batches = len(train_loader) if cfg.trainer.limit_train_batches is None else \
         min(int(cfg.trainer.limit_train_batches), len(train_loader))
     if batches < 1:

@@ -1,0 +1,88 @@
+"""DDP on CPU with gloo, launched the documented way: ``torchrun --nproc_per_node=2 -m capsexp train``.
+
+Two processes with ``data.batch_size=B`` must train exactly like one process with ``2B``: same
+per-step losses (TensorBoard ``train/loss``, written by rank 0) and same final weights.
+
+BatchNorm would break that equivalence (each rank normalises with its own half-batch
+statistics), so these runs freeze the whole backbone (``backbone.freeze_depth=5`` keeps its
+BatchNorm layers in eval mode) and use an adapter without batch statistics (GroupNorm, or none).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from capsexp.checkpoint import load_checkpoint
+from capsexp.train import train
+from conftest import TINY, make_cfg
+
+BATCH = 4  # per process; the single-process reference uses 2 x BATCH
+COMMON = ["data.train_size=32", "trainer.max_steps=6", "trainer.max_epochs=2", "backbone.freeze_depth=5",
+          "trainer.precision=fp32", "grads.figure_every_n_steps=0"]
+CASES = {
+    "fc": ["head=fc", "adapter=conv", "adapter.norm=group", "adapter.width=64"],
+    "capsule": ["head=capsule", "adapter=none", "head.primary.types=8"],
+}
+
+
+def free_port() -> int:
+    """A port the OS just handed out on the loopback interface (the rendezvous port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 -m capsexp train ...`` on loopback, as the README shows it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "capsexp", "train", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars("train/loss")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", list(CASES))
+def test_two_processes_train_like_one_with_twice_the_batch(head: str, tmp_path: Path) -> None:
+    overrides = [*TINY, *COMMON, *CASES[head]]
+    ddp_dir = tmp_path / "ddp"
+    # every rank must name the same run folder: Hydra's default folder name holds the start time
+    done = torchrun([*overrides, f"data.batch_size={BATCH}", f"hydra.run.dir={ddp_dir}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("capsexp: new run") == 1  # rank 0 alone announces, logs and saves
+    assert "world size 2" in done.stdout
+    assert len(list((ddp_dir / "tb").glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in ddp_dir.iterdir() if not p.name.startswith(".")) == \
+        ["checkpoints", "cli.log", "config.yaml", "environment.json", "metrics.json", "tb"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # no rank wrote anywhere else
+
+    single_dir = tmp_path / "single"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1): same summation order
+    try:
+        train(make_cfg(*COMMON, *CASES[head], f"data.batch_size={2 * BATCH}"), run_dir=single_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+    ddp_losses, single_losses = losses(ddp_dir), losses(single_dir)
+    assert [s for s, _ in ddp_losses] == [s for s, _ in single_losses] == list(range(1, 7))
+    assert torch.allclose(torch.tensor([v for _, v in ddp_losses]), torch.tensor([v for _, v in single_losses]),
+                          rtol=1e-5, atol=1e-6)
+    ddp_weights = load_checkpoint(ddp_dir / "checkpoints" / "last.pt")["model"]
+    single_weights = load_checkpoint(single_dir / "checkpoints" / "last.pt")["model"]
+    assert ddp_weights.keys() == single_weights.keys()
+    for key, value in single_weights.items():
+        assert torch.allclose(ddp_weights[key], value, rtol=1e-5, atol=1e-6), key
