@@ -69,6 +69,8 @@ def _guarded(work: Callable[[], object]) -> object:
         _fail(str(cause))
     except StopTraining as exc:
         _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:  # before the training loop took over the signal: nothing to save yet
+        _fail("interrupted before training started; nothing was written.", 130)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

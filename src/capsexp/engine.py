@@ -31,12 +31,18 @@ class Objective(nn.Module):
     def forward(self, images: Tensor, targets: Tensor, progress: float) -> tuple[Tensor, Tensor]:
         scores = self.model(images)
         # losses in fp32 whatever the autocast dtype: capsule lengths and margins are small numbers
-        loss = self.criterion(scores.float(), targets, progress)
+        loss = self._loss(scores.float(), targets, progress)
         if self.aux_weight > 0:
             aux = self.model.head.auxiliary_loss(images, targets)
             if aux is not None:
                 loss = loss + self.aux_weight * aux.float()
         return loss, scores
+
+    # eager under trainer.compile: a loss that does Python arithmetic on ``progress`` (the spread
+    # loss's margin schedule) would otherwise make the compiled graph recompile at every step
+    @torch.compiler.disable
+    def _loss(self, scores: Tensor, targets: Tensor, progress: float) -> Tensor:
+        return self.criterion(scores, targets, progress)
 
 
 @dataclass
@@ -192,16 +198,17 @@ def _on_nonfinite(loop: Loop, state: TrainState, loss: Tensor) -> None:
     from capsexp.gradients import nonfinite_stage
 
     stage = nonfinite_stage(loop.model.stages()) or "none (the loss itself)"
+    step = state.step + 1  # the TensorBoard x-axis: this step, counted from 1
     what = "loss" if not torch.isfinite(loss.detach()) else "gradient"
     if loop.trainer.on_nonfinite == "skip":
         loop.optimizer.zero_grad(set_to_none=True)
         state.skipped_steps += 1
-        loop.logger.scalars({"train/skipped_steps": state.skipped_steps}, state.step)
-        print(f"capsexp: non-finite {what} at step {state.step} (first stage: {stage}); update skipped "
+        loop.logger.scalars({"train/skipped_steps": state.skipped_steps}, step)
+        print(f"capsexp: non-finite {what} at step {step} (first stage: {stage}); update skipped "
               f"({state.skipped_steps} so far).", file=sys.stderr, flush=True)
         return
     raise StopTraining(
-        f"non-finite {what} at step {state.step}; first stage with non-finite gradients: {stage}. "
+        f"non-finite {what} at step {step}; first stage with non-finite gradients: {stage}. "
         f"Stopped with the last good checkpoint kept; lower optim.lr, set trainer.grad_clip, "
         f"or use trainer.on_nonfinite=skip.", exit_code=3)
 
@@ -226,7 +233,8 @@ def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int,
             tick, tick_images = time.perf_counter(), 0
         n = targets.shape[0]
         loss, correct = train_step(loop, images, targets, state)
-        sums += torch.stack([loss.float() * n, correct.float(), torch.tensor(float(n), device=rt.device)])
+        # torch.full, not torch.tensor: a host-to-GPU copy of a Python number would sync every step
+        sums += torch.stack([loss.float() * n, correct.float(), torch.full((), float(n), device=rt.device)])
         state.step += 1
         state.batch_in_epoch += 1
         if tick is not None:

@@ -1,0 +1,195 @@
+"""Bad input, non-finite values, interrupts, truncated checkpoints, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import capsexp.train as train_module
+from capsexp.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from capsexp.engine import StopTraining
+from capsexp.errors import UserError
+from capsexp.train import train
+from conftest import TINY, make_cfg, run_cli
+
+TIMING_KEYS = {"images_per_sec"}  # wall-clock numbers: the only keys allowed to differ between runs
+
+
+def _same_metrics(a: dict, b: dict) -> None:
+    assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == \
+        {k: v for k, v in b.items() if k not in TIMING_KEYS}
+
+
+def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
+    garbage = tmp / "garbage.pt"
+    garbage.write_bytes(b"this is not a tensor file")
+    wrong = tmp / "wrong.pt"
+    torch.save({"conv1.weight": torch.zeros(2, 2)}, wrong)
+    foreign = tmp / "capsule_ckpt.pt"
+    torch.save({"format": FORMAT, "config": {"head": {"name": "capsule"}, "adapter": {"name": "none"}},
+                "num_classes": 8}, foreign)
+    (tmp / "empty").mkdir()
+    (tmp / "one" / "cats").mkdir(parents=True)
+    for i in range(2):
+        from PIL import Image
+        Image.new("RGB", (8, 8)).save(tmp / "one" / "cats" / f"{i}.png")
+    return [
+        (["head=transformer"], "head"),
+        (["adapter=big"], "adapter"),
+        (["backbone.freeze_depth=6"], "backbone.freeze_depth"),
+        (["backbone.freeze_depth=-1"], "backbone.freeze_depth"),
+        (["head=capsule", "head.routing.iterations=0"], "head.routing.iterations"),
+        (["data.batch_size=0"], "data.batch_size"),
+        (["optim.lr=0"], "optim.lr"),
+        (["optim.lr=-0.1"], "optim.lr"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs"),
+        (["trainer.max_epochs=abc"], "trainer.max_epochs"),
+        (["data.image_size=0"], "data.image_size"),
+        (["data.image_size=16"], "data.image_size"),
+        (["head=capsule", "head.primary.types=0"], "head.primary.types"),
+        (["adapter=conv", "adapter.width=0"], "adapter.width"),
+        ([f"backbone.weights={garbage}"], "backbone.weights"),
+        ([f"backbone.weights={wrong}"], "backbone.weights"),
+        ([f"backbone.weights={tmp / 'missing.pt'}"], "backbone.weights"),
+        ([f"trainer.resume={foreign}"], "trainer.resume"),
+        (["data=imagefolder", f"data.root={tmp / 'nowhere'}"], "data.root"),
+        (["data=imagefolder", f"data.root={tmp / 'empty'}"], "data.root"),
+        (["data=imagefolder", f"data.root={tmp / 'one'}"], "data.root"),
+        (["trainer.on_nonfinite=ignore"], "trainer.on_nonfinite"),
+    ]
+
+
+def test_every_bad_input_is_one_sentence_naming_the_key(tmp_path: Path) -> None:
+    failures = []
+    for index, (overrides, key) in enumerate(_bad_inputs(tmp_path)):
+        run_dir = tmp_path / f"run{index}"
+        proc = run_cli("train", *TINY, *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=180)
+        err = proc.stderr
+        ok = proc.returncode != 0 and "Traceback" not in err and key in err \
+            and not list(run_dir.rglob("*.pt"))
+        if not ok:
+            failures.append((overrides, proc.returncode, err[-600:]))
+    assert not failures, failures
+
+
+def test_capsexp_errors_print_one_line(tmp_path: Path) -> None:
+    proc = run_cli("train", "backbone.freeze_depth=9", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2
+    assert lines == ["capsexp: error: backbone.freeze_depth=9 is not allowed; it must be an integer from 0 to 5."]
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, at_step: int) -> None:
+    """Make layer2's gradients NaN at one optimizer step (counted from 1)."""
+    real = train_module.build_model
+
+    def build(cfg, num_classes):  # type: ignore[no-untyped-def]
+        model = real(cfg, num_classes)
+        calls = {"n": 0}
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            calls["n"] += 1
+            return grad * float("nan") if calls["n"] == at_step else grad
+
+        model.backbone.layer2[0].conv1.weight.register_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build)
+
+
+def test_nan_gradient_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _poison(monkeypatch, at_step=3)
+    cfg = make_cfg("data.train_size=16", "trainer.max_epochs=3", "trainer.max_steps=6")
+    with pytest.raises(StopTraining, match=r"step 3; first stage with non-finite gradients: layer2") as info:
+        train(cfg, run_dir=tmp_path)
+    assert info.value.exit_code != 0
+    kept = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert kept["state"]["step"] == 2  # the end of epoch 1, before the bad step
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_nan_gradient_with_skip_skips_and_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_train import scalar_tags
+
+    _poison(monkeypatch, at_step=3)
+    cfg = make_cfg("data.train_size=16", "trainer.max_epochs=3", "trainer.max_steps=6",
+                   "trainer.on_nonfinite=skip")
+    metrics = train(cfg, run_dir=tmp_path)
+    assert metrics["skipped_steps"] == 1 and metrics["status"] == "completed"
+    assert scalar_tags(tmp_path)["train/skipped_steps"] == [(3, 1.0)]
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_truncated_checkpoint_is_reported_clearly(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    save_checkpoint({"model": {"w": torch.randn(1000)}}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(cut)
+    proc = run_cli("train", *TINY, f"trainer.resume={cut}", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "trainer.resume" in proc.stderr and "truncated" in proc.stderr
+
+
+def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+
+    def dies_half_way(obj: object, handle) -> None:  # type: ignore[no-untyped-def]
+        handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_two_identical_seeded_runs_give_identical_metrics(tmp_path: Path) -> None:
+    cfg = make_cfg("head=capsule", "adapter=conv", "adapter.width=32", "trainer.max_steps=3")
+    _same_metrics(train(cfg, run_dir=tmp_path / "a"), train(cfg, run_dir=tmp_path / "b"))
+
+
+@pytest.mark.slow
+def test_sigint_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    args = [*TINY, "data.train_size=96", "trainer.max_steps=12", "trainer.max_epochs=2",
+            "data.val_size=16"]
+    straight = run_cli("train", *args, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    run_dir = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "capsexp", "train", *args, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    # interrupt once a few steps are logged (event files grow with every logged step)
+    while time.time() < deadline and proc.poll() is None:
+        events = list((run_dir / "tb").glob("events.*"))
+        if events and events[0].stat().st_size > 4000:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "checkpoint saved" in err
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert 0 < saved["state"]["step"] < 12
+
+    resumed = run_cli("train", *args, f"hydra.run.dir={run_dir}", "trainer.resume=auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed at step {saved['state']['step']}" in resumed.stdout
+    _same_metrics(json.loads((run_dir / "metrics.json").read_text()),
+                  json.loads((tmp_path / "straight" / "metrics.json").read_text()))
