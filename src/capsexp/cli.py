@@ -143,10 +143,10 @@ def sweep_subdir(job_overrides: Sequence[str], keys: Sequence[str], job_num: int
 def _sweep_subdir_resolver(job_num: Any, *, _root_: DictConfig) -> str:
     task = OmegaConf.select(_root_, "hydra.overrides.task", default=None)
     params = OmegaConf.select(_root_, "hydra.sweeper.params", default=None)
-    try:
-        command_line = json.loads(os.environ.get(COMMAND_LINE_ENV, "[]"))
-    except ValueError:
-        command_line = []
+    try:  # set by main(); without it (the app called some other way) this process's own arguments
+        command_line = json.loads(os.environ[COMMAND_LINE_ENV])
+    except (KeyError, ValueError):
+        command_line = sys.argv[1:]
     keys = swept_keys(command_line if isinstance(command_line, list) else [],
                       OmegaConf.to_container(params) if params is not None else {})
     return sweep_subdir(list(task) if task is not None else [], keys, job_num)

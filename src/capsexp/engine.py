@@ -28,7 +28,8 @@ class Objective(nn.Module):
         self.criterion = criterion
         self.aux_weight = aux_weight
 
-    def forward(self, images: Tensor, targets: Tensor, progress: float) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, targets: Tensor, progress: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``progress`` (fraction of training done) may be a 0-d CPU tensor: see ``train_step``."""
         scores = self.model(images)
         # losses in fp32 whatever the autocast dtype: capsule lengths and margins are small numbers
         loss = self._loss(scores.float(), targets, progress)
@@ -41,7 +42,7 @@ class Objective(nn.Module):
     # eager under trainer.compile: a loss that does Python arithmetic on ``progress`` (the spread
     # loss's margin schedule) would otherwise make the compiled graph recompile at every step
     @torch.compiler.disable
-    def _loss(self, scores: Tensor, targets: Tensor, progress: float) -> Tensor:
+    def _loss(self, scores: Tensor, targets: Tensor, progress: float | Tensor) -> Tensor:
         return self.criterion(scores, targets, progress)
 
 
@@ -172,7 +173,10 @@ def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -
     images, targets = rt.to_device(images, targets)
     loop.optimizer.zero_grad(set_to_none=True)
     with rt.autocast():
-        loss, scores = loop.objective(images, targets, state.step / max(loop.total_steps, 1))
+        # a CPU tensor, not a float: a compiled objective guards on a float's value (one compile per
+        # new value); reading it back in the eager loss is a host-side read, not a device sync
+        progress = torch.tensor(state.step / max(loop.total_steps, 1), dtype=torch.float64)
+        loss, scores = loop.objective(images, targets, progress)
     loop.scaler.scale(loss).backward()
     loop.scaler.unscale_(loop.optimizer)
     # the one measuring point: after backward and unscaling, before clipping and the step

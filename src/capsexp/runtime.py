@@ -128,8 +128,9 @@ def prepare_model(model: nn.Module, rt: Runtime, compile_model: bool) -> tuple[n
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        ids = [rt.device.index] if rt.device.type == "cuda" else None
-        runnable = DistributedDataParallel(model, device_ids=ids)
+        # no device_ids: inputs are already on this rank's device (Runtime.to_device), and DDP
+        # would otherwise also copy the step's CPU-side ``progress`` scalar to the GPU
+        runnable = DistributedDataParallel(model, device_ids=None)
     if compile_model:
         runnable = torch.compile(runnable)
     return runnable, model

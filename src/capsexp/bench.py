@@ -1,0 +1,354 @@
+"""``capsexp bench``: time real training steps for the FC and capsule heads and the gradient diagnostics.
+
+Every row builds model, loss, optimizer, schedule, scaler and gradient monitor with the builders
+``train`` uses and times ``engine.train_step`` itself, so a row costs what a training step costs
+(device, precision, channels-last and compile come from ``trainer``). Inputs are synthetic random
+batches of ``data.image_size`` x ``data.batch_size``: data loading is not timed. Nothing is saved
+but ``bench.json``; the monitor's TensorBoard events go to a temporary folder that is deleted.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from capsexp.config import validate
+from capsexp.diagnostics import GradientMonitor
+from capsexp.engine import Loop, Objective, SignalGuard, TrainState, train_step
+from capsexp.errors import UserError
+from capsexp.logger import RunLogger
+from capsexp.losses import build_loss
+from capsexp.models import build_model
+from capsexp.models.backbone import feature_size
+from capsexp.optim import build_optimizer, build_scheduler, param_groups
+from capsexp.runtime import Runtime, prepare_model, setup_runtime
+
+BENCH_FILE = "bench.json"
+ADAPTERS = ("none", "conv", "linear")
+CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
+DEFAULT_LOSS = {"fc": "ce", "capsule": "margin"}  # what composing head=<name> selects
+MEMORY_NOTE = {
+    "cuda": "torch.cuda.max_memory_allocated over the row (peak statistics reset before the model is built)",
+    "cpu": "growth of the process's peak resident set size over the row (Linux VmHWM, reset through "
+           "/proc/self/clear_refs, minus the resident size before the model is built)",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration to time: a head, an adapter, routing iterations and a diagnostics setting."""
+
+    name: str
+    head: str
+    adapter: str
+    iterations: int | None
+    grads: str  # "default", "off" or "every"
+    base: str   # the row name of the same model with the default diagnostics
+
+
+def plan(cfg: DictConfig) -> list[Row]:
+    """The rows ``bench`` times, from the ``bench`` config group (``bench.rows`` selects by name)."""
+    b = cfg.bench
+    caps_iters = int(_head_cfg(cfg, "capsule").routing.iterations)
+    rows: list[Row] = []
+    if b.heads or b.diagnostics:
+        rows.append(Row("fc", "fc", "none", None, "default", "fc"))
+    if b.heads:
+        rows += [Row(f"capsule-{a}-r{k}", "capsule", a, k, "default", f"capsule-{a}-r{k}")
+                 for a in b.adapters for k in b.routing_iterations]
+    if b.diagnostics:
+        caps = f"capsule-conv-r{caps_iters}"
+        if caps not in {r.name for r in rows}:
+            rows.append(Row(caps, "capsule", "conv", caps_iters, "default", caps))
+        for grads in ("off", "every"):
+            rows.append(Row(f"fc-grads-{grads}", "fc", "none", None, grads, "fc"))
+            rows.append(Row(f"{caps}-grads-{grads}", "capsule", "conv", caps_iters, grads, caps))
+    if b.rows is not None:
+        known = {r.name: r for r in rows}
+        unknown = [n for n in b.rows if n not in known]
+        if unknown:
+            raise UserError(f"bench.rows names '{unknown[0]}', which is not a row of this bench; "
+                            f"choose from {', '.join(known)}.")
+        rows = [known[n] for n in b.rows]
+    return rows
+
+
+def _check(cfg: DictConfig) -> None:
+    b = cfg.get("bench")
+    if b is None:
+        raise UserError("the config has no 'bench' group; compose it from capsexp's conf/ folder.")
+    for key, low in (("warmup_steps", 0), ("steps", 1)):
+        value = b.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"bench.{key}={value!r} is not allowed; it must be an integer >= {low}.")
+    for key in ("heads", "diagnostics"):
+        if not isinstance(b.get(key), bool):
+            raise UserError(f"bench.{key}={b.get(key)!r} is not allowed; it must be true or false.")
+    if not b.adapters or any(a not in ADAPTERS for a in b.adapters):
+        raise UserError(f"bench.adapters={list(b.adapters or [])} is not allowed; it must be a non-empty "
+                        f"list of {', '.join(ADAPTERS)}.")
+    if not b.routing_iterations or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
+                                       for k in b.routing_iterations):
+        raise UserError(f"bench.routing_iterations={list(b.routing_iterations or [])} is not allowed; "
+                        f"it must be a non-empty list of integers >= 1.")
+    n = b.get("num_classes")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
+        raise UserError(f"bench.num_classes={n!r} is not allowed; it must be an integer >= 2 or null.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("capsexp bench times one process; run it without torchrun.")
+
+
+def _group(group: str, option: str) -> DictConfig:
+    """A config group option as composing ``<group>=<option>`` would give it (its own defaults aside)."""
+    text = (resources.files("capsexp.conf") / group / f"{option}.yaml").read_text()
+    node = OmegaConf.create(text)
+    # a _global_-package option (head=capsule) keeps its group under its own key
+    return node[group] if group in node and "name" not in node else node
+
+
+def _head_cfg(cfg: DictConfig, head: str) -> DictConfig:
+    return cfg.head if cfg.head.name == head else _group("head", head)
+
+
+def variant(cfg: DictConfig, row: Row) -> DictConfig:
+    """The user's config changed only where the row differs; the user's settings of a group are kept."""
+    out = copy.deepcopy(cfg)
+    OmegaConf.set_struct(out, False)
+    if cfg.head.name != row.head:
+        out.head = _group("head", row.head)
+        out.loss = _group("loss", DEFAULT_LOSS[row.head])
+    if cfg.adapter.name != row.adapter:
+        out.adapter = _group("adapter", row.adapter)
+    if row.iterations is not None:
+        out.head.routing.iterations = row.iterations
+    if row.grads == "off":
+        out.grads.enabled = False
+    elif row.grads == "every":
+        out.grads.enabled, out.grads.log_every_n_steps, out.grads.per_layer = True, 1, True
+    # random weights on random inputs: a vanishing-gradient warning would only be noise here
+    out.grads.alarm.patience = 10**9
+    validate(out)
+    return out
+
+
+def _grads_label(cfg: DictConfig) -> str:
+    g = cfg.grads
+    if not g.enabled:
+        return "off"
+    every = "every step" if int(g.log_every_n_steps) == 1 else f"every {g.log_every_n_steps}"
+    return every + (", per layer" if g.per_layer else "")
+
+
+def num_classes(cfg: DictConfig) -> int:
+    """``bench.num_classes``, or the class count of ``data.name`` (no images are read)."""
+    if cfg.bench.get("num_classes") is not None:
+        return int(cfg.bench.num_classes)
+    name = cfg.data.name
+    if name == "shapes":
+        from capsexp.data import SHAPES_CLASSES
+
+        return len(SHAPES_CLASSES)
+    if name in CLASS_COUNTS:
+        return CLASS_COUNTS[name]
+    root = Path(str(cfg.data.get("root") or "."))
+    folder = root / "train" if (root / "train").is_dir() else root
+    classes = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+    if len(classes) < 2:
+        raise UserError(f"bench cannot count the classes of data.name={name}; set bench.num_classes.")
+    return len(classes)
+
+
+def device_name(rt: Runtime) -> str:
+    """The GPU's name, or the CPU model and the number of threads torch uses."""
+    if rt.device.type == "cuda":
+        return torch.cuda.get_device_name(rt.device)
+    if rt.device.type == "mps":
+        return f"Apple {platform.machine()} GPU (mps)"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+class PeakMemory:
+    """Peak memory of one row in MB (None where it cannot be measured, e.g. on mps)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base_kb = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.device.type == "cpu":
+            try:  # hand freed heap back to the OS, so the baseline is this row's starting point
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+                self.base_kb = _status_kb("VmRSS")
+            except OSError:
+                self.base_kb = -1
+
+    def peak_mb(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.device.type != "cpu" or self.base_kb < 0:
+            return None
+        return max(_status_kb("VmHWM") - self.base_kb, 0) / 1024
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _batches(cfg: DictConfig, classes: int, rt: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    size, batch = int(cfg.data.image_size), int(cfg.data.batch_size)
+    out = []
+    for _ in range(2):
+        images = torch.randn(batch, 3, size, size, generator=gen)
+        targets = torch.randint(0, classes, (batch,), generator=gen)
+        if rt.device.type == "cuda":  # as the DataLoader delivers them (pin_memory on CUDA)
+            images, targets = images.pin_memory(), targets.pin_memory()
+        out.append((images, targets))
+    return out
+
+
+def time_row(cfg: DictConfig, rt: Runtime, classes: int, tb_dir: Path) -> dict[str, Any]:
+    """Build one configuration as ``train`` does and time ``train_step``; return the measurements."""
+    from capsexp.train import seed_everything
+
+    warmup, steps = int(cfg.bench.warmup_steps), int(cfg.bench.steps)
+    if cfg.trainer.compile:
+        torch._dynamo.reset()  # every row is a new model: start from an empty compile cache
+    memory = PeakMemory(rt.device)
+    memory.start()
+    seed_everything(int(cfg.seed))
+    model = build_model(cfg, classes)
+    criterion = build_loss(cfg.loss)
+    aux = float(cfg.loss.get("reconstruction_weight", 0.0) or 0.0)
+    runnable, objective = prepare_model(Objective(model, criterion, aux), rt, bool(cfg.trainer.compile))
+    model = objective.model
+    optimizer = build_optimizer(cfg.optim, param_groups(model, criterion, cfg.optim))
+    logger = RunLogger(tb_dir)
+    monitor = GradientMonitor(cfg.grads, int(cfg.trainer.log_every_n_steps), logger, model.stages())
+    loop = Loop(runnable, model, optimizer, build_scheduler(cfg.optim, optimizer, warmup + steps),
+                rt.grad_scaler(), rt, cfg.trainer, monitor, logger, SignalGuard(), warmup + steps, False,
+                criterion)
+    state, batches, seconds = TrainState(), _batches(cfg, classes, rt), []
+    runnable.train()
+    for index in range(warmup + steps):
+        images, targets = batches[index % len(batches)]
+        rt.synchronize()  # time the step's own work, not work still queued on the GPU
+        tick = time.perf_counter()
+        train_step(loop, images, targets, state)
+        rt.synchronize()
+        if index >= warmup:
+            seconds.append(time.perf_counter() - tick)
+        state.step += 1
+    logger.close()
+    head = model.head
+    return {
+        "input_capsules": head.primary.num_capsules if hasattr(head, "primary") else None,
+        "head_input": "x".join(map(str, _head_input(cfg, model))),
+        "images_per_sec": int(cfg.data.batch_size) * len(seconds) / sum(seconds),
+        "step_ms_median": 1000 * statistics.median(seconds),
+        "step_ms_mean": 1000 * statistics.fmean(seconds),
+        "peak_memory_mb": memory.peak_mb(),
+    }
+
+
+def _head_input(cfg: DictConfig, model: Any) -> tuple[int, int, int]:
+    side = model.adapter.out_size(feature_size(int(cfg.data.image_size)))
+    return model.adapter.out_channels, side, side
+
+
+def _ratios(rows: list[dict[str, Any]], plan_rows: list[Row]) -> None:
+    by_name = {r["name"]: r for r in rows}
+    off = {p.base: by_name[p.name] for p in plan_rows if p.grads == "off"}
+    fc = by_name.get("fc")
+    for row, p in zip(rows, plan_rows):
+        row["vs_fc"] = row["step_ms_median"] / fc["step_ms_median"] if fc else None
+        ref = off.get(p.base)
+        row["vs_grads_off"] = row["step_ms_median"] / ref["step_ms_median"] if ref else None
+
+
+def bench(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Time every planned row; print a table and write ``bench.json`` into ``run_dir``."""
+    validate(cfg)
+    _check(cfg)
+    if run_dir is None:
+        from capsexp.train import output_dir
+
+        run_dir = output_dir()
+    rows_plan = plan(cfg)
+    variants = [variant(cfg, row) for row in rows_plan]  # every config checked before any timing
+    classes = num_classes(cfg)
+    rt = setup_runtime(cfg.trainer)
+    common = {"device": device_name(rt), "precision": rt.precision, "image_size": int(cfg.data.image_size),
+              "batch_size": int(cfg.data.batch_size)}
+    print(f"capsexp bench: {len(rows_plan)} rows on {common['device']}, {rt.precision}, {common['image_size']} px, "
+          f"batch {common['batch_size']}; {cfg.bench.warmup_steps} warm-up + {cfg.bench.steps} timed steps "
+          f"each on synthetic batches", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="capsexp-bench-") as tb:
+        for row, row_cfg in zip(rows_plan, variants):
+            measured = time_row(row_cfg, rt, classes, Path(tb) / row.name)
+            results.append({"name": row.name, "head": row.head, "adapter": row.adapter,
+                            "routing_iterations": row.iterations, "grads": _grads_label(row_cfg),
+                            **common, **measured})
+            print(f"  {row.name}: {measured['step_ms_median']:.1f} ms/step", flush=True)
+    _ratios(results, rows_plan)
+    report = {"memory": MEMORY_NOTE.get(rt.device.type, "not measured on this device"),
+              "inputs": "synthetic random batches (data loading not timed)",
+              "warmup_steps": int(cfg.bench.warmup_steps), "steps": int(cfg.bench.steps),
+              "torch": str(torch.__version__), "rows": results}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / BENCH_FILE
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(results))
+    print(f"peak MB: {report['memory']}\ncapsexp: wrote {path}", flush=True)
+    return results
+
+
+def _fmt(value: Any, width: int, spec: str = "") -> str:
+    return f"{'-' if value is None else format(value, spec):>{width}}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a fixed-width text table (step time is the median, images/s the mean)."""
+    header = (f"{'name':<28} {'head':<7} {'adapter':<7} {'iters':>5} {'I':>6} {'grads':<22} "
+              f"{'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'x fc':>6} {'x off':>6}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['name']:<28} {r['head']:<7} {r['adapter']:<7} {_fmt(r['routing_iterations'], 5)} "
+                     f"{_fmt(r['input_capsules'], 6)} {r['grads']:<22} {r['step_ms_median']:>9.1f} "
+                     f"{r['images_per_sec']:>8.1f} {_fmt(r['peak_memory_mb'], 8, '.0f')} "
+                     f"{_fmt(r['vs_fc'], 6, '.2f')} {_fmt(r['vs_grads_off'], 6, '.2f')}")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""The device fast path exercised on CPU: bf16 autocast, channels-last, compile, loader workers, host syncs.
+
+bf16 autocast and channels-last run on CPU too, so these tiny runs go through the same
+``Runtime`` code a GPU run uses. Host syncs are counted by intercepting every read of a tensor
+value on the host (``item``/``bool``/``float`` dispatch ``aten._local_scalar_dense``;
+``tolist``/``numpy`` are wrapped) while ``engine.train_step`` runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import traceback
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import capsexp.engine as engine
+from capsexp.errors import UserError
+from capsexp.runtime import _resolve_device, setup_runtime
+from capsexp.train import train
+from conftest import make_cfg, run_cli
+
+# a short run: 3 steps, diagnostics and loss logging on step 2 only, backward through layer4 and up
+QUICK = ["trainer.max_steps=3", "data.val_size=8", "trainer.limit_val_batches=1", "backbone.freeze_depth=4",
+         "trainer.log_every_n_steps=2", "grads.log_every_n_steps=2", "grads.figure_every_n_steps=0"]
+SRC = str(Path(engine.__file__).parent)
+
+
+def _site() -> str:
+    """``module.function: source line`` of the innermost capsexp frame on the stack."""
+    for frame in reversed(traceback.extract_stack()):
+        if frame.filename.startswith(SRC):
+            return f"{Path(frame.filename).stem}.{frame.name}: {(frame.line or '').strip()}"
+    return "outside capsexp"
+
+
+def scalar_tags(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+class HostReads(TorchDispatchMode):
+    """Records where tensor values are read on the host (on a GPU each is a device sync)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func.overloadpacket is torch.ops.aten._local_scalar_dense:
+            self.sites.append(_site())
+        return func(*args, **(kwargs or {}))
+
+    def wrap(self, method: Any) -> Any:
+        @functools.wraps(method)
+        def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.sites.append(_site())
+            return method(tensor, *args, **kwargs)
+        return read
+
+
+def recording_step(monkeypatch: pytest.MonkeyPatch, log: list[dict[str, Any]]) -> None:
+    """Wrap ``engine.train_step`` (looked up by name in the epoch loop) to record each step."""
+    real = engine.train_step
+
+    def step(loop: engine.Loop, images: torch.Tensor, targets: torch.Tensor, state: engine.TrainState) -> Any:
+        reads = HostReads()
+        with monkeypatch.context() as patch, reads:
+            for name in ("tolist", "numpy"):
+                patch.setattr(torch.Tensor, name, reads.wrap(getattr(torch.Tensor, name)))
+            out = real(loop, images, targets, state)
+        log.append({"step": state.step + 1, "sites": reads.sites, "precision": loop.rt.precision,
+                    "channels_last": loop.model.backbone.conv1.weight.is_contiguous(
+                        memory_format=torch.channels_last)})
+        return out
+
+    monkeypatch.setattr(engine, "train_step", step)
+
+
+@pytest.fixture(scope="module", params=["fc", "capsule"])
+def bf16_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[tuple[str, Path, dict, list]]:
+    head, log = request.param, []
+    run_dir = tmp_path_factory.mktemp(f"bf16_{head}")
+    with pytest.MonkeyPatch.context() as patch:
+        recording_step(patch, log)
+        metrics = train(make_cfg(f"head={head}", "trainer.precision=bf16", "trainer.channels_last=true",
+                                 *QUICK), run_dir=run_dir)
+    yield head, run_dir, metrics, log
+
+
+def test_bf16_channels_last_trains_with_finite_losses_and_gradient_stats(bf16_run: tuple) -> None:
+    head, run_dir, metrics, log = bf16_run
+    assert [entry["precision"] for entry in log] == ["bf16"] * 3 and all(e["channels_last"] for e in log)
+    tags = scalar_tags(run_dir)
+    assert tags["train/loss"] and all(math.isfinite(v) for _, v in tags["train/loss"])
+    assert {"grad_norm/layer4", "grad_norm/head", "grad_norm/total"} <= set(tags)
+    grads = {k: v for k, v in metrics.items() if k.startswith("grad_norm/")}
+    assert grads and all(math.isfinite(v) and v > 0 for v in grads.values()), grads
+    assert metrics["status"] == "completed" and math.isfinite(metrics["val/loss"])
+
+
+# CPU's one_hot checks its class indices on the host; on CUDA it leaves that to device asserts
+CPU_ONLY = "one_hot("
+NONFINITE_CHECK = "engine.train_step: if bool(bad):"
+
+
+def test_a_step_syncs_once_and_a_diagnostics_step_once_more_per_measurement(bf16_run: tuple) -> None:
+    head, _, _, log = bf16_run
+    by_step = {e["step"]: [s for s in e["sites"] if CPU_ONLY not in s] for e in log}
+    # steps 1 and 3: only the documented non-finite check
+    assert by_step[1] == by_step[3] == [NONFINITE_CHECK]
+    # step 2 (a logging step): the gradient statistics come over in one transfer, and the capsule
+    # head's telemetry in one more
+    expected = ["gradients.gradient_stats: values = torch.cat(parts).tolist()"]
+    if head == "capsule":
+        expected.append("diagnostics.after_backward: values = torch.stack([v.float() for v in "
+                        "telemetry.values()]).tolist()  # one sync")
+    assert sorted(by_step[2]) == sorted([*expected, NONFINITE_CHECK])
+
+
+def test_auto_precision_on_cpu_is_fp32() -> None:
+    rt = setup_runtime(make_cfg("trainer.device=cpu", "trainer.precision=auto").trainer)
+    assert rt.dtype is None and rt.precision == "fp32" and not rt.channels_last
+    assert not rt.grad_scaler().is_enabled()
+    bf16 = setup_runtime(make_cfg("trainer.device=cpu", "trainer.precision=bf16").trainer)
+    assert bf16.dtype == torch.bfloat16 and not bf16.grad_scaler().is_enabled()
+
+
+def test_fp16_on_cpu_is_one_clear_sentence(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        setup_runtime(make_cfg("trainer.device=cpu", "trainer.precision=fp16").trainer)
+    done = run_cli("train", "trainer.device=cpu", "trainer.precision=fp16", f"hydra.run.dir={tmp_path}",
+                   cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == \
+        "capsexp: error: trainer.precision=fp16 needs a CUDA GPU; on CPU use fp32 or bf16."
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_each_rank_gets_the_gpu_of_its_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _resolve_device("auto", 1) == torch.device("cuda", 1)
+    assert _resolve_device("cuda", 1) == torch.device("cuda", 1)
+    assert _resolve_device("cuda:0", 1) == torch.device("cuda", 0)  # an explicit index wins
+    assert _resolve_device("cpu", 1) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("head, loss", [("fc", "ce"), ("capsule", "spread")])
+def test_compile_trains_and_never_recompiles_after_the_first_step(
+        head: str, loss: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # inductor needs minutes of C++ compilation on a 2-core machine; aot_eager traces the same
+    # graphs (forward and backward through AOTAutograd) without generating code
+    compiled: list[int] = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        compiled.append(len(gm.graph.nodes))
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
+    after_step: list[int] = []  # graphs compiled so far, after each training step
+    real = engine.train_step
+
+    def step(*args: Any) -> Any:
+        out = real(*args)
+        after_step.append(len(compiled))
+        return out
+
+    monkeypatch.setattr(engine, "train_step", step)
+    # the spread loss reads the training progress, a new value at every step
+    metrics = train(make_cfg(f"head={head}", f"loss={loss}", "trainer.compile=true", *QUICK), run_dir=tmp_path)
+    torch._dynamo.reset()
+    assert metrics["status"] == "completed" and math.isfinite(metrics["train/loss"])
+    assert all(math.isfinite(v) for k, v in metrics.items() if k.startswith("grad_norm/"))
+    assert after_step[0] > 0 and after_step == [after_step[0]] * 3  # compiled in step 1, then reused
+
+
+def test_loader_workers_persist_across_epochs(tmp_path: Path) -> None:
+    metrics = train(make_cfg("data.num_workers=1", "data.train_size=16", "trainer.max_epochs=2",
+                             "trainer.max_steps=4", *QUICK[1:]), run_dir=tmp_path)
+    assert metrics["steps"] == 4 and metrics["epochs"] == 2
+    assert math.isfinite(metrics["train/loss"])
