@@ -255,7 +255,8 @@ def time_row(cfg: DictConfig, rt: Runtime, classes: int, tb_dir: Path) -> dict[s
     aux = float(cfg.loss.get("reconstruction_weight", 0.0) or 0.0)
     runnable, objective = prepare_model(Objective(model, criterion, aux), rt, bool(cfg.trainer.compile))
     model = objective.model
-    optimizer = build_optimizer(cfg.optim, param_groups(model, criterion, cfg.optim))
+    optimizer = build_optimizer(cfg.optim, param_groups(model, criterion, cfg.optim,
+                                                          pretrained=cfg.backbone.weights is not None))
     logger = RunLogger(tb_dir)
     monitor = GradientMonitor(cfg.grads, int(cfg.trainer.log_every_n_steps), logger, model.stages())
     loop = Loop(runnable, model, optimizer, build_scheduler(cfg.optim, optimizer, warmup + steps),

@@ -54,7 +54,7 @@ COMMON: list[Check] = [
     ("data.num_workers", _int(0), "an integer >= 0"),
     ("optim.lr", _positive_float(), "a positive number"),
     ("optim.weight_decay", _nonneg_float, "a number >= 0"),
-    ("optim.backbone_lr_scale", _nonneg_float, "a number >= 0"),
+    ("optim.backbone_lr_scale", lambda v: v == "auto" or _nonneg_float(v), "auto or a number >= 0"),
     ("optim.warmup_steps", _int(0), "an integer >= 0"),
     ("optim.scheduler", _choice("cosine", "constant"), "cosine or constant"),
     ("trainer.max_epochs", _int(1, optional=True), "a positive integer or null"),

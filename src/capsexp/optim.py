@@ -15,14 +15,21 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "constant")
 
 
-def param_groups(model: nn.Module, extra: nn.Module, cfg: Any) -> list[dict[str, Any]]:
+def backbone_lr_scale(cfg: Any, pretrained: bool) -> float:
+    """``auto``: 0.1 for a pretrained backbone (the usual fine-tuning ratio), 1.0 for a random one."""
+    if cfg.backbone_lr_scale == "auto":
+        return 0.1 if pretrained else 1.0
+    return float(cfg.backbone_lr_scale)
+
+
+def param_groups(model: nn.Module, extra: nn.Module, cfg: Any, pretrained: bool) -> list[dict[str, Any]]:
     """Backbone at ``lr x backbone_lr_scale``, adapter + head (+ a learned loss scale) at ``lr``.
 
     Biases and normalisation weights (1-d tensors) get no weight decay, as usual in fine-tuning.
     """
     lr, wd = float(cfg.lr), float(cfg.weight_decay)
     groups: list[dict[str, Any]] = []
-    parts = {"backbone": (list(model.backbone.parameters()), lr * float(cfg.backbone_lr_scale)),
+    parts = {"backbone": (list(model.backbone.parameters()), lr * backbone_lr_scale(cfg, pretrained)),
              "head": (list(model.adapter.parameters()) + list(model.head.parameters())
                       + list(extra.parameters()), lr)}
     for name, (params, group_lr) in parts.items():

@@ -111,7 +111,8 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     max_epochs = int(cfg.trainer.max_epochs) if cfg.trainer.max_epochs is not None else None
     max_steps = int(cfg.trainer.max_steps) if cfg.trainer.max_steps is not None else None
     total_steps = min(s for s in (max_steps, max_epochs and max_epochs * batches) if s)
-    optimizer = build_optimizer(cfg.optim, param_groups(model, criterion, cfg.optim))
+    optimizer = build_optimizer(cfg.optim, param_groups(model, criterion, cfg.optim,
+                                                          pretrained=cfg.backbone.weights is not None))
     scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
     scaler = rt.grad_scaler()
     state = TrainState()

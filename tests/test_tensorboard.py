@@ -1,0 +1,73 @@
+"""The gradient tags of a real run, read back by tensorboard itself: event reader and HTTP server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from capsexp.train import train
+from conftest import make_cfg
+
+STAGES = ["stem", "layer1", "layer2", "layer3", "layer4", "adapter", "head"]
+
+
+@pytest.fixture(scope="module")
+def capsule_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tb")
+    train(make_cfg("head=capsule", "adapter=conv", "adapter.width=32", "backbone.freeze_depth=1",
+                   "grads.histogram_every_n_steps=2"), run_dir=root / "capsule")
+    return root
+
+
+def test_gradient_tags_are_in_the_event_files(capsule_run: Path) -> None:
+    acc = EventAccumulator(str(capsule_run / "capsule" / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    scalars = set(tags["scalars"])
+    trained = STAGES[1:]  # freeze_depth=1: the stem is frozen and writes nothing
+    assert {f"grad_norm/{s}" for s in trained} | {"grad_norm/total"} <= scalars
+    assert {f"grad_to_weight/{s}" for s in trained} <= scalars
+    assert not any("stem" in t for t in scalars if t.startswith("grad"))
+    layers = [t for t in scalars if t.startswith("grad_norm_layer/")]
+    assert "grad_norm_layer/layer1.0.conv1" in layers and "grad_norm_layer/head.class_caps" in layers
+    assert [e.step for e in acc.Scalars("grad_norm/layer1")] == [1, 2, 3, 4]
+    assert "grad_flow" in tags["images"]
+    assert {f"grad_hist/{s}" for s in trained} <= set(tags["histograms"])
+    assert {"capsule/coupling_entropy/iter1", "capsule/true_class_length"} <= scalars
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_tensorboard_server_serves_the_gradient_tags(capsule_run: Path) -> None:
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(capsule_run), "--host", "127.0.0.1",
+         "--port", str(port), "--load_fast", "false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/data/plugin/scalars/tags"
+        deadline, tags = time.time() + 120, {}
+        while time.time() < deadline and not tags.get("capsule/tb"):
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    tags = json.load(response)
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert "capsule/tb" in tags, tags
+        assert "grad_norm/layer1" in tags["capsule/tb"] and "grad_norm/head" in tags["capsule/tb"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
