@@ -164,8 +164,21 @@ OmegaConf.register_new_resolver("capsexp_required", _required, replace=True)
 COMMANDS = {"train": train_app, "bench": bench_app}
 
 
+def _strip_command_from_completion_line() -> None:
+    """Hydra's shell completion re-runs ``capsexp -sc query=...`` with the typed line in
+    ``COMP_LINE``; drop the ``train``/``bench`` word so Hydra sees only overrides there."""
+    line = os.environ.get("COMP_LINE")
+    words = line.split(" ") if line else []
+    if len(words) > 1 and words[1] in COMMANDS:
+        cut = len(words[1]) + 1
+        os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
+        point = int(os.environ.get("COMP_POINT", len(line)))
+        os.environ["COMP_POINT"] = str(max(point - cut, len(words[0])))
+
+
 def main() -> None:
     argv = sys.argv[1:]
+    _strip_command_from_completion_line()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         sys.exit(0 if argv else 2)

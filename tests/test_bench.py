@@ -1,0 +1,103 @@
+"""``capsexp bench``: which rows it times, the configs it derives, and a reduced run of the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsexp.bench import PeakMemory, format_table, num_classes, plan, variant
+from capsexp.errors import UserError
+from capsexp.models import build_model
+from conftest import make_cfg, run_cli
+
+ALL_ROWS = ["fc", "capsule-none-r1", "capsule-none-r3", "capsule-conv-r1", "capsule-conv-r3",
+            "capsule-linear-r1", "capsule-linear-r3", "fc-grads-off", "capsule-conv-r3-grads-off",
+            "fc-grads-every", "capsule-conv-r3-grads-every"]
+ROW_KEYS = {"name", "head", "adapter", "routing_iterations", "input_capsules", "head_input", "grads", "device",
+            "precision", "image_size", "batch_size", "images_per_sec", "step_ms_median", "step_ms_mean",
+            "peak_memory_mb", "vs_fc", "vs_grads_off"}
+
+
+def test_the_default_plan_covers_heads_adapters_routing_and_diagnostics() -> None:
+    cfg = make_cfg()
+    rows = plan(cfg)
+    assert [r.name for r in rows] == ALL_ROWS
+    for row in rows:
+        derived = variant(cfg, row)
+        assert (derived.head.name, derived.adapter.name) == (row.head, row.adapter)
+        assert derived.loss.name == ("ce" if row.head == "fc" else "margin")  # as head=<name> composes
+        if row.iterations is not None:
+            assert derived.head.routing.iterations == row.iterations
+        grads = derived.grads
+        assert grads.enabled == (row.grads != "off")
+        if row.grads == "every":
+            assert grads.log_every_n_steps == 1 and grads.per_layer
+    assert make_cfg().head.name == "fc"  # the user's config is never changed
+
+
+def test_derived_configs_keep_the_users_group_settings() -> None:
+    cfg = make_cfg("head=capsule", "head.primary.types=8", "head.routing.iterations=2", "adapter=conv",
+                   "adapter.width=64", "loss=spread", "trainer.precision=bf16")
+    rows = {r.name: r for r in plan(cfg)}
+    assert "capsule-conv-r2-grads-off" in rows  # diagnostics rows use the user's routing iterations
+    caps = variant(cfg, rows["capsule-conv-r1"])
+    assert (caps.head.primary.types, caps.adapter.width, caps.loss.name) == (8, 64, "spread")
+    assert caps.head.routing.iterations == 1 and caps.trainer.precision == "bf16"
+    fc = variant(cfg, rows["fc"])
+    assert (fc.head.name, fc.adapter.name, fc.loss.name) == ("fc", "none", "ce")
+
+
+def test_input_capsules_grow_with_the_feature_map_area() -> None:
+    for size, side in ((32, 1), (64, 2), (128, 4)):
+        cfg = variant(make_cfg(f"data.image_size={size}"), plan(make_cfg())[1])  # capsule-none-r1
+        head = build_model(cfg, num_classes(cfg)).head
+        assert head.primary.num_capsules == 32 * side * side  # I = types x h x w
+
+
+def test_rows_select_by_name_and_bad_values_are_one_sentence() -> None:
+    assert [r.name for r in plan(make_cfg("bench.rows=[fc-grads-off,fc]"))] == ["fc-grads-off", "fc"]
+    assert [r.name for r in plan(make_cfg("bench.diagnostics=false", "bench.adapters=[conv]",
+                                          "bench.routing_iterations=[3]"))] == ["fc", "capsule-conv-r3"]
+    with pytest.raises(UserError, match="bench.rows names 'fc-fast'"):
+        plan(make_cfg("bench.rows=[fc-fast]"))
+    from capsexp.bench import bench
+
+    for override, key in (("bench.steps=0", "bench.steps=0"), ("bench.adapters=[mlp]", "bench.adapters"),
+                          ("bench.routing_iterations=[0]", "bench.routing_iterations")):
+        with pytest.raises(UserError, match=key):
+            bench(make_cfg(override), run_dir=Path("/nonexistent"))
+
+
+def test_cpu_peak_memory_sees_a_short_lived_allocation() -> None:
+    memory = PeakMemory(torch.device("cpu"))
+    memory.start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched, then freed
+    del block
+    peak = memory.peak_mb()
+    assert peak is not None and peak >= 60
+
+
+def test_bench_cli_times_rows_and_writes_bench_json(tmp_path: Path) -> None:
+    rows = ["fc", "capsule-conv-r3", "fc-grads-off", "fc-grads-every"]
+    done = run_cli("bench", "bench.warmup_steps=1", "bench.steps=2", "data.image_size=32", "data.batch_size=4",
+                   f"bench.rows=[{','.join(rows)}]", f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert f"capsexp: wrote {tmp_path / 'bench.json'}" in done.stdout
+    assert report["steps"] == 2 and "synthetic" in report["inputs"] and "resident set" in report["memory"]
+    got = {r["name"]: r for r in report["rows"]}
+    assert list(got) == rows and all(set(r) == ROW_KEYS for r in report["rows"])
+    assert got["fc"]["vs_fc"] == 1 and got["fc-grads-off"]["vs_grads_off"] == 1
+    assert got["fc-grads-every"]["vs_grads_off"] > 0 and got["capsule-conv-r3"]["vs_grads_off"] is None
+    caps = got["capsule-conv-r3"]
+    assert (caps["input_capsules"], caps["head_input"], caps["routing_iterations"]) == (32, "256x1x1", 3)
+    assert got["fc"]["input_capsules"] is None and got["fc-grads-off"]["grads"] == "off"
+    for row in report["rows"]:
+        assert row["images_per_sec"] > 0 and row["step_ms_median"] > 0 and row["peak_memory_mb"] > 0
+        assert (row["device"], row["precision"], row["image_size"], row["batch_size"])[1:] == ("fp32", 32, 4)
+        assert row["device"] in done.stdout and row["name"] in done.stdout
+    assert format_table(report["rows"]).splitlines()[0] in done.stdout
+    assert not list(tmp_path.rglob("*.pt")) and not (tmp_path / "tb").exists()  # no checkpoints, no logs
