@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -19,6 +20,16 @@ ALL_ROWS = ["fc", "capsule-none-r1", "capsule-none-r3", "capsule-conv-r1", "caps
 ROW_KEYS = {"name", "head", "adapter", "routing_iterations", "input_capsules", "head_input", "grads", "device",
             "precision", "image_size", "batch_size", "images_per_sec", "step_ms_median", "step_ms_mean",
             "peak_memory_mb", "vs_fc", "vs_grads_off"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # one intra-op thread: on a shared 2-core runner, OpenMP threads waiting at a barrier for a
+    # descheduled peer can make a step tens of times slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_the_default_plan_covers_heads_adapters_routing_and_diagnostics() -> None:
@@ -83,7 +94,8 @@ def test_cpu_peak_memory_sees_a_short_lived_allocation() -> None:
 def test_bench_cli_times_rows_and_writes_bench_json(tmp_path: Path) -> None:
     rows = ["fc", "capsule-conv-r3", "fc-grads-off", "fc-grads-every"]
     done = run_cli("bench", "bench.warmup_steps=1", "bench.steps=2", "data.image_size=32", "data.batch_size=4",
-                   f"bench.rows=[{','.join(rows)}]", f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout=600)
+                   f"bench.rows=[{','.join(rows)}]", f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout=600,
+                   env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert f"capsexp: wrote {tmp_path / 'bench.json'}" in done.stdout

@@ -334,7 +334,8 @@ def main(argv: list[str]) -> None:
     """``capsexp report <folder>``: raises UserError for a missing folder or one without runs."""
     root = _parser().parse_args(argv).folder
     if not root.is_dir():
-        raise UserError(f"'{root}' is not a folder; pass a run or sweep folder, e.g. outputs/multirun/<date>/<time>.")
+        raise UserError(f"'{root}' is not a folder; pass a run or sweep folder, "
+                        f"e.g. outputs/multirun/<date>/<time>.")
     runs = [read_run(path, root) for path in find_runs(root)]
     if not runs:
         raise UserError(f"no runs below '{root}': a run folder holds tb/ or metrics.json.")
