@@ -76,10 +76,11 @@ def test_rows_select_by_name_and_bad_values_are_one_sentence() -> None:
         plan(make_cfg("bench.rows=[fc-fast]"))
     from capsexp.bench import bench
 
-    for override, key in (("bench.steps=0", "bench.steps=0"), ("bench.adapters=[mlp]", "bench.adapters"),
-                          ("bench.routing_iterations=[0]", "bench.routing_iterations")):
+    for overrides, key in ((["bench.steps=0"], "bench.steps=0"), (["bench.adapters=[mlp]"], "bench.adapters"),
+                           (["bench.routing_iterations=[0]"], "bench.routing_iterations"),
+                           (["bench.heads=false", "bench.diagnostics=false"], "no rows")):
         with pytest.raises(UserError, match=key):
-            bench(make_cfg(override), run_dir=Path("/nonexistent"))
+            bench(make_cfg(*overrides), run_dir=Path("/nonexistent"))
 
 
 def test_cpu_peak_memory_sees_a_short_lived_allocation() -> None:

@@ -10,6 +10,7 @@ BatchNorm layers in eval mode) and use an adapter without batch statistics (Grou
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -67,17 +68,25 @@ def test_two_processes_train_like_one_with_twice_the_batch(head: str, tmp_path: 
     assert done.stdout.count("capsexp: new run") == 1  # rank 0 alone announces, logs and saves
     assert "world size 2" in done.stdout
     assert len(list((ddp_dir / "tb").glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in ddp_dir.iterdir() if not p.name.startswith(".")) == \
-        ["checkpoints", "cli.log", "config.yaml", "environment.json", "metrics.json", "tb"]
+    # Hydra's own files (.hydra/, the job log) aside, the run folder holds one run's outputs
+    assert sorted(p.name for p in ddp_dir.iterdir() if not p.name.startswith(".") and p.suffix != ".log") == \
+        ["checkpoints", "config.yaml", "environment.json", "metrics.json", "tb"]
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # no rank wrote anywhere else
 
     single_dir = tmp_path / "single"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1): same summation order
     try:
-        train(make_cfg(*COMMON, *CASES[head], f"data.batch_size={2 * BATCH}"), run_dir=single_dir)
+        single = train(make_cfg(*COMMON, *CASES[head], f"data.batch_size={2 * BATCH}"), run_dir=single_dir)
     finally:
         torch.set_num_threads(threads)
+
+    # rank 0 measures the all-reduced gradients: the same statistics as the one-process run
+    ddp = json.loads((ddp_dir / "metrics.json").read_text())
+    stats = [k for k in single if k.startswith("grad_norm/")]
+    assert stats and ddp["steps"] == single["steps"] == 6
+    for key in stats:
+        assert ddp[key] == pytest.approx(single[key], rel=1e-4), key
 
     ddp_losses, single_losses = losses(ddp_dir), losses(single_dir)
     assert [s for s, _ in ddp_losses] == [s for s, _ in single_losses] == list(range(1, 7))

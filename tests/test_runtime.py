@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shutil
 import traceback
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,11 +43,18 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _site() -> str:
-    """``module.function: source line`` of the innermost capsexp frame on the stack."""
-    for frame in reversed(traceback.extract_stack()):
+def _site() -> str | None:
+    """``module.function`` of the innermost capsexp frame; None for reads that stay on the host on a GPU."""
+    stack = traceback.extract_stack()
+    # Adam(W) reads its step count with item(): a CPU tensor on every device (capturable=False)
+    if any(f.name == "_get_value" and f"torch{os.sep}optim" in f.filename for f in stack):
+        return None
+    for frame in reversed(stack):
         if frame.filename.startswith(SRC):
-            return f"{Path(frame.filename).stem}.{frame.name}: {(frame.line or '').strip()}"
+            # CPU's one_hot checks its class indices on the host; CUDA's leaves that to device asserts
+            if "one_hot(" in (frame.line or ""):
+                return None
+            return f"{Path(frame.filename).stem}.{frame.name}"
     return "outside capsexp"
 
 
@@ -54,11 +62,6 @@ def scalar_tags(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def _host_counter() -> bool:
-    """Adam(W) reads its step count with ``item()``: a CPU tensor on every device (capturable=False)."""
-    return any(f.name == "_get_value" and f"torch{os.sep}optim" in f.filename for f in traceback.extract_stack())
 
 
 class HostReads(TorchDispatchMode):
@@ -69,14 +72,19 @@ class HostReads(TorchDispatchMode):
         self.sites: list[str] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func.overloadpacket is torch.ops.aten._local_scalar_dense and not _host_counter():
-            self.sites.append(_site())
+        if func.overloadpacket is torch.ops.aten._local_scalar_dense:
+            self._record()
         return func(*args, **(kwargs or {}))
+
+    def _record(self) -> None:
+        site = _site()
+        if site is not None:
+            self.sites.append(site)
 
     def wrap(self, method: Any) -> Any:
         @functools.wraps(method)
         def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            self.sites.append(_site())
+            self._record()
             return method(tensor, *args, **kwargs)
         return read
 
@@ -122,23 +130,17 @@ def test_bf16_channels_last_trains_with_finite_losses_and_gradient_stats(bf16_ru
     assert metrics["status"] == "completed" and math.isfinite(metrics["val/loss"])
 
 
-# CPU's one_hot checks its class indices on the host; on CUDA it leaves that to device asserts
-CPU_ONLY = "one_hot("
-NONFINITE_CHECK = "engine.train_step: if bool(bad):"
-
-
 def test_a_step_syncs_once_and_a_diagnostics_step_once_more_per_measurement(bf16_run: tuple) -> None:
     head, _, _, log = bf16_run
-    by_step = {e["step"]: [s for s in e["sites"] if CPU_ONLY not in s] for e in log}
+    by_step = {e["step"]: e["sites"] for e in log}
     # steps 1 and 3: only the documented non-finite check
-    assert by_step[1] == by_step[3] == [NONFINITE_CHECK]
+    assert by_step[1] == by_step[3] == ["engine.train_step"]
     # step 2 (a logging step): the gradient statistics come over in one transfer, and the capsule
     # head's telemetry in one more
-    expected = ["gradients.gradient_stats: values = torch.cat(parts).tolist()"]
+    expected = ["engine.train_step", "gradients.gradient_stats"]
     if head == "capsule":
-        expected.append("diagnostics.after_backward: values = torch.stack([v.float() for v in "
-                        "telemetry.values()]).tolist()  # one sync")
-    assert sorted(by_step[2]) == sorted([*expected, NONFINITE_CHECK])
+        expected.append("diagnostics.after_backward")
+    assert sorted(by_step[2]) == sorted(expected)
 
 
 def test_auto_precision_on_cpu_is_fp32() -> None:
@@ -200,9 +202,10 @@ def test_compile_trains_and_never_recompiles_after_the_first_step(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CAPSEXP_TEST_INDUCTOR"),
-                    reason="inductor's C++ compilation takes minutes on 2 cores; set CAPSEXP_TEST_INDUCTOR=1")
+@pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++")),
+                    reason="inductor compiles C++ kernels on CPU and no C++ compiler was found")
 def test_inductor_compile_trains(tmp_path: Path) -> None:
+    # the real default backend, once: about 30 s of kernel compilation on 2 cores
     torch._dynamo.reset()
     metrics = train(make_cfg("head=fc", "trainer.compile=true", *QUICK, "backbone.freeze_depth=5"),
                     run_dir=tmp_path)

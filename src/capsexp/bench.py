@@ -63,7 +63,8 @@ class Row:
 def plan(cfg: DictConfig) -> list[Row]:
     """The rows ``bench`` times, from the ``bench`` config group (``bench.rows`` selects by name)."""
     b = cfg.bench
-    caps_iters = int(_head_cfg(cfg, "capsule").routing.iterations)
+    caps_head = cfg.head if cfg.head.name == "capsule" else _group("head", "capsule")
+    caps_iters = int(caps_head.routing.iterations)
     rows: list[Row] = []
     if b.heads or b.diagnostics:
         rows.append(Row("fc", "fc", "none", None, "default", "fc"))
@@ -87,26 +88,28 @@ def plan(cfg: DictConfig) -> list[Row]:
     return rows
 
 
+def _int_at_least(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def _check(cfg: DictConfig) -> None:
     b = cfg.get("bench")
     if b is None:
         raise UserError("the config has no 'bench' group; compose it from capsexp's conf/ folder.")
     for key, low in (("warmup_steps", 0), ("steps", 1)):
-        value = b.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UserError(f"bench.{key}={value!r} is not allowed; it must be an integer >= {low}.")
+        if not _int_at_least(b.get(key), low):
+            raise UserError(f"bench.{key}={b.get(key)!r} is not allowed; it must be an integer >= {low}.")
     for key in ("heads", "diagnostics"):
         if not isinstance(b.get(key), bool):
             raise UserError(f"bench.{key}={b.get(key)!r} is not allowed; it must be true or false.")
     if not b.adapters or any(a not in ADAPTERS for a in b.adapters):
         raise UserError(f"bench.adapters={list(b.adapters or [])} is not allowed; it must be a non-empty "
                         f"list of {', '.join(ADAPTERS)}.")
-    if not b.routing_iterations or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
-                                       for k in b.routing_iterations):
+    if not b.routing_iterations or not all(_int_at_least(k, 1) for k in b.routing_iterations):
         raise UserError(f"bench.routing_iterations={list(b.routing_iterations or [])} is not allowed; "
                         f"it must be a non-empty list of integers >= 1.")
     n = b.get("num_classes")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
+    if n is not None and not _int_at_least(n, 2):
         raise UserError(f"bench.num_classes={n!r} is not allowed; it must be an integer >= 2 or null.")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("capsexp bench times one process; run it without torchrun.")
@@ -118,10 +121,6 @@ def _group(group: str, option: str) -> DictConfig:
     node = OmegaConf.create(text)
     # a _global_-package option (head=capsule) keeps its group under its own key
     return node[group] if group in node and "name" not in node else node
-
-
-def _head_cfg(cfg: DictConfig, head: str) -> DictConfig:
-    return cfg.head if cfg.head.name == head else _group("head", head)
 
 
 def variant(cfg: DictConfig, row: Row) -> DictConfig:
@@ -178,14 +177,12 @@ def device_name(rt: Runtime) -> str:
         return torch.cuda.get_device_name(rt.device)
     if rt.device.type == "mps":
         return f"Apple {platform.machine()} GPU (mps)"
-    model = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        lines = []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor() or platform.machine())
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
@@ -230,14 +227,11 @@ def _status_kb(field: str) -> int:
 def _batches(cfg: DictConfig, classes: int, rt: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(int(cfg.seed))
     size, batch = int(cfg.data.image_size), int(cfg.data.batch_size)
-    out = []
-    for _ in range(2):
-        images = torch.randn(batch, 3, size, size, generator=gen)
-        targets = torch.randint(0, classes, (batch,), generator=gen)
-        if rt.device.type == "cuda":  # as the DataLoader delivers them (pin_memory on CUDA)
-            images, targets = images.pin_memory(), targets.pin_memory()
-        out.append((images, targets))
-    return out
+    pairs = [(torch.randn(batch, 3, size, size, generator=gen),
+              torch.randint(0, classes, (batch,), generator=gen)) for _ in range(2)]
+    if rt.device.type == "cuda":  # as the DataLoader delivers them (pin_memory on CUDA)
+        pairs = [(images.pin_memory(), targets.pin_memory()) for images, targets in pairs]
+    return pairs
 
 
 def time_row(cfg: DictConfig, rt: Runtime, classes: int, tb_dir: Path) -> dict[str, Any]:
@@ -286,13 +280,14 @@ def time_row(cfg: DictConfig, rt: Runtime, classes: int, tb_dir: Path) -> dict[s
 
 
 def _ratios(rows: list[dict[str, Any]], plan_rows: list[Row]) -> None:
+    # mean step times: a diagnostics step every N steps counts at its amortised cost
     by_name = {r["name"]: r for r in rows}
     off = {p.base: by_name[p.name] for p in plan_rows if p.grads == "off"}
     fc = by_name.get("fc")
     for row, p in zip(rows, plan_rows):
-        row["vs_fc"] = row["step_ms_median"] / fc["step_ms_median"] if fc else None
+        row["vs_fc"] = row["step_ms_mean"] / fc["step_ms_mean"] if fc else None
         ref = off.get(p.base)
-        row["vs_grads_off"] = row["step_ms_median"] / ref["step_ms_median"] if ref else None
+        row["vs_grads_off"] = row["step_ms_mean"] / ref["step_ms_mean"] if ref else None
 
 
 def bench(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
@@ -304,22 +299,19 @@ def bench(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
 
         run_dir = output_dir()
     rows_plan = plan(cfg)
+    if not rows_plan:
+        raise UserError("this bench has no rows: set bench.heads or bench.diagnostics to true, or name "
+                        "rows in bench.rows.")
     variants = [variant(cfg, row) for row in rows_plan]  # every config checked before any timing
     classes = num_classes(cfg)
     rt = setup_runtime(cfg.trainer)
     common = {"device": device_name(rt), "precision": rt.precision, "image_size": int(cfg.data.image_size),
               "batch_size": int(cfg.data.batch_size)}
-    print(f"capsexp bench: {len(rows_plan)} rows on {common['device']}, {rt.precision}, {common['image_size']} px, "
-          f"batch {common['batch_size']}; {cfg.bench.warmup_steps} warm-up + {cfg.bench.steps} timed steps "
-          f"each on synthetic batches", flush=True)
-    results = []
-    with tempfile.TemporaryDirectory(prefix="capsexp-bench-") as tb:
-        for row, row_cfg in zip(rows_plan, variants):
-            measured = time_row(row_cfg, rt, classes, Path(tb) / row.name)
-            results.append({"name": row.name, "head": row.head, "adapter": row.adapter,
-                            "routing_iterations": row.iterations, "grads": _grads_label(row_cfg),
-                            **common, **measured})
-            print(f"  {row.name}: {measured['step_ms_median']:.1f} ms/step", flush=True)
+    print(f"capsexp bench: {len(rows_plan)} rows on {common['device']}, {rt.precision}, "
+          f"{common['image_size']} px, batch {common['batch_size']}; {cfg.bench.warmup_steps} warm-up + "
+          f"{cfg.bench.steps} timed steps each, on synthetic batches", flush=True)
+    _warn_interval(cfg, rows_plan)
+    results = [{**r, **common} for r in _time_rows(rows_plan, variants, rt, classes)]
     _ratios(results, rows_plan)
     report = {"memory": MEMORY_NOTE.get(rt.device.type, "not measured on this device"),
               "inputs": "synthetic random batches (data loading not timed)",
@@ -329,9 +321,33 @@ def bench(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
     path = run_dir / BENCH_FILE
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(results))
-    print(f"ms/step: median; img/s: mean; x fc, x off: ms/step over the fc row's, over the same model's "
-          f"grads-off row's\npeak MB: {report['memory']}\ncapsexp: wrote {path}", flush=True)
+    print(f"ms/step: median; img/s: mean; x fc, x off: mean step time over the fc row's, over the same "
+          f"model's grads-off row's\npeak MB: {report['memory']}\ncapsexp: wrote {path}", flush=True)
     return results
+
+
+def _time_rows(rows: list[Row], variants: list[DictConfig], rt: Runtime, classes: int
+               ) -> list[dict[str, Any]]:
+    out = []
+    with tempfile.TemporaryDirectory(prefix="capsexp-bench-") as tb:
+        # one untimed step first, so that one-time library set-up counts against no row's memory
+        prime = copy.deepcopy(variants[0])
+        prime.bench.warmup_steps, prime.bench.steps = 0, 1
+        time_row(prime, rt, classes, Path(tb) / "prime")
+        for row, row_cfg in zip(rows, variants):
+            measured = time_row(row_cfg, rt, classes, Path(tb) / row.name)
+            out.append({"name": row.name, "head": row.head, "adapter": row.adapter,
+                        "routing_iterations": row.iterations, "grads": _grads_label(row_cfg), **measured})
+            print(f"  {row.name}: {measured['step_ms_median']:.1f} ms/step", flush=True)
+    return out
+
+
+def _warn_interval(cfg: DictConfig, rows: list[Row]) -> None:
+    every = int(cfg.grads.log_every_n_steps)
+    if cfg.grads.enabled and int(cfg.bench.steps) < every and any(r.grads == "default" for r in rows):
+        print(f"capsexp: note: bench.steps={cfg.bench.steps} is below grads.log_every_n_steps={every}, so "
+              f"rows with the default diagnostics interval time no diagnostics step; use a multiple of "
+              f"{every} to count them at their share.", flush=True)
 
 
 def _fmt(value: Any, width: int, spec: str = "") -> str:
