@@ -186,7 +186,7 @@ def test_bf16_autocast_on_cpu() -> None:
 
 
 def test_from_config_reads_the_shipped_yaml() -> None:
-    cfg = OmegaConf.load(HEAD_YAML)
+    cfg = OmegaConf.load(HEAD_YAML).head  # a global-package file: the group sits under `head:`
     head = CapsuleHead.from_config(cfg, in_channels=16, feature_size=(2, 2), num_classes=3,
                                    reconstruction=True)
     assert head.class_caps.weight.shape == (2 * 2 * 32, 3, 16, 8)

@@ -27,15 +27,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from capsexp.config import validate
-from capsexp.diagnostics import GradientMonitor
-from capsexp.engine import Loop, Objective, SignalGuard, TrainState, train_step
+from capsexp.engine import TrainState, train_step
 from capsexp.errors import UserError
-from capsexp.logger import RunLogger
-from capsexp.losses import build_loss
-from capsexp.models import build_model
 from capsexp.models.backbone import feature_size
-from capsexp.optim import build_optimizer, build_scheduler, param_groups
-from capsexp.runtime import Runtime, prepare_model, setup_runtime
+from capsexp.runtime import Runtime, setup_runtime
 
 BENCH_FILE = "bench.json"
 ADAPTERS = ("none", "conv", "linear")
@@ -236,7 +231,7 @@ def _batches(cfg: DictConfig, classes: int, rt: Runtime) -> list[tuple[torch.Ten
 
 def time_row(cfg: DictConfig, rt: Runtime, classes: int, tb_dir: Path) -> dict[str, Any]:
     """Build one configuration as ``train`` does and time ``train_step``; return the measurements."""
-    from capsexp.train import seed_everything
+    from capsexp.train import build_loop, seed_everything
 
     warmup, steps = int(cfg.bench.warmup_steps), int(cfg.bench.steps)
     if cfg.trainer.compile:
@@ -244,18 +239,8 @@ def time_row(cfg: DictConfig, rt: Runtime, classes: int, tb_dir: Path) -> dict[s
     memory = PeakMemory(rt.device)
     memory.start()
     seed_everything(int(cfg.seed))
-    model = build_model(cfg, classes)
-    criterion = build_loss(cfg.loss)
-    aux = float(cfg.loss.get("reconstruction_weight", 0.0) or 0.0)
-    runnable, objective = prepare_model(Objective(model, criterion, aux), rt, bool(cfg.trainer.compile))
-    model = objective.model
-    optimizer = build_optimizer(cfg.optim, param_groups(model, criterion, cfg.optim,
-                                                          pretrained=cfg.backbone.weights is not None))
-    logger = RunLogger(tb_dir)
-    monitor = GradientMonitor(cfg.grads, int(cfg.trainer.log_every_n_steps), logger, model.stages())
-    loop = Loop(runnable, model, optimizer, build_scheduler(cfg.optim, optimizer, warmup + steps),
-                rt.grad_scaler(), rt, cfg.trainer, monitor, logger, SignalGuard(), warmup + steps, False,
-                criterion)
+    loop = build_loop(cfg, rt, classes, warmup + steps, tb_dir, show_progress=False)
+    runnable, model, logger = loop.objective, loop.model, loop.logger
     state, batches, seconds = TrainState(), _batches(cfg, classes, rt), []
     runnable.train()
     for index in range(warmup + steps):

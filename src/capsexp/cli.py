@@ -43,8 +43,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     """One clear sentence on stderr and a non-zero exit; the traceback only with HYDRA_FULL_ERROR=1."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise
-    print(f"capsexp: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    _fail_plain(message, code)
 
 
 def _user_error_in(exc: BaseException) -> UserError | None:
@@ -176,6 +175,23 @@ def _strip_command_from_completion_line() -> None:
         os.environ["COMP_POINT"] = str(max(point - cut, len(words[0])))
 
 
+def _distributed_overrides(args: list[str]) -> list[str]:
+    """Under torchrun every process runs Hydra: they must share one run folder, and only rank 0
+    writes Hydra's own files (``.hydra/``, the log) into it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return []
+    if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
+        _fail_plain("under torchrun pass hydra.run.dir=<folder> so that all processes share one run folder.")
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+def _fail_plain(message: str, code: int = 2) -> NoReturn:
+    print(f"capsexp: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     _strip_command_from_completion_line()
@@ -194,7 +210,7 @@ def main() -> None:
                   file=sys.stderr)
             sys.exit(2)
     os.environ[COMMAND_LINE_ENV] = json.dumps(argv[1:])  # read back by capsexp_sweep_subdir
-    sys.argv = [sys.argv[0], *argv[1:]]  # Hydra parses sys.argv itself
+    sys.argv = [sys.argv[0], *argv[1:], *_distributed_overrides(argv[1:])]  # Hydra parses sys.argv itself
     COMMANDS[command]()
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import torch
 from torch import Tensor
 
 

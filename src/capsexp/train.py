@@ -77,6 +77,27 @@ def _check_compatible(ckpt: dict[str, Any], cfg: DictConfig, num_classes: int) -
                         f"data.name={cfg.data.name} has {num_classes}.")
 
 
+def build_loop(cfg: DictConfig, rt: Runtime, num_classes: int, total_steps: int, log_dir: Path | None,
+               show_progress: bool) -> Loop:
+    """Model, loss, optimizer, schedule, scaler and diagnostics: what a training step needs.
+
+    ``train`` and ``capsexp bench`` both build through here, so the benchmark times the real step.
+    """
+    model = build_model(cfg, num_classes)
+    criterion = build_loss(cfg.loss)
+    aux_weight = float(cfg.loss.get("reconstruction_weight", 0.0) or 0.0)
+    runnable, objective = prepare_model(Objective(model, criterion, aux_weight), rt, bool(cfg.trainer.compile))
+    model = objective.model
+    groups = param_groups(model, criterion, cfg.optim, pretrained=cfg.backbone.weights is not None)
+    optimizer = build_optimizer(cfg.optim, groups)
+    scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
+    logger = RunLogger(log_dir if rt.is_main else None)
+    monitor = GradientMonitor(cfg.grads, int(cfg.trainer.log_every_n_steps), logger, model.stages()) \
+        if rt.is_main else None
+    return Loop(runnable, model, optimizer, scheduler, rt.grad_scaler(), rt, cfg.trainer, monitor, logger,
+                SignalGuard(), total_steps, show_progress, criterion)
+
+
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Run one experiment into ``run_dir`` (the Hydra output folder by default); return its metrics."""
     validate(cfg)  # every value checked before data or weights are touched
@@ -95,35 +116,20 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     train_ds, val_ds, num_classes = build_datasets(cfg.data, seed=int(cfg.seed))
     if ckpt is not None:
         _check_compatible(ckpt, cfg, num_classes)
-    model = build_model(cfg, num_classes)
-    criterion = build_loss(cfg.loss)
-    objective = Objective(model, criterion, float(cfg.loss.get("reconstruction_weight", 0.0) or 0.0))
-    runnable, objective = prepare_model(objective, rt, bool(cfg.trainer.compile))
-    model = objective.model
     train_loader, val_loader = build_loaders(cfg.data, train_ds, val_ds, seed=int(cfg.seed),
                                              pin_memory=rt.device.type == "cuda", rank=rt.rank,
                                              world_size=rt.world_size)
     batches = len(train_loader) if cfg.trainer.limit_train_batches is None else \
         min(int(cfg.trainer.limit_train_batches), len(train_loader))
-    if batches < 1:
-        raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
-                        f"({len(train_ds)} images); lower data.batch_size.")
     max_epochs = int(cfg.trainer.max_epochs) if cfg.trainer.max_epochs is not None else None
     max_steps = int(cfg.trainer.max_steps) if cfg.trainer.max_steps is not None else None
     total_steps = min(s for s in (max_steps, max_epochs and max_epochs * batches) if s)
-    optimizer = build_optimizer(cfg.optim, param_groups(model, criterion, cfg.optim,
-                                                          pretrained=cfg.backbone.weights is not None))
-    scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
-    scaler = rt.grad_scaler()
-    state = TrainState()
-    logger = RunLogger(run_dir / "tb" if rt.is_main else None)
-    monitor = GradientMonitor(cfg.grads, int(cfg.trainer.log_every_n_steps), logger, model.stages()) \
-        if rt.is_main else None
-    if ckpt is not None:
-        _restore(ckpt, objective, optimizer, scheduler, scaler, state, monitor)
     show = rt.is_main and (sys.stderr.isatty() if str(cfg.trainer.progress) == "auto" else bool(cfg.trainer.progress))
-    loop = Loop(runnable, model, optimizer, scheduler, scaler, rt, cfg.trainer, monitor, logger,
-                SignalGuard(), total_steps, show, criterion)
+    loop = build_loop(cfg, rt, num_classes, total_steps, run_dir / "tb", show)
+    state = TrainState()
+    if ckpt is not None:
+        _restore(ckpt, loop, state)
+    model, monitor, logger = loop.model, loop.monitor, loop.logger
     if rt.is_main:
         _announce(cfg, run_dir, rt, model, monitor, logger, ckpt is not None, state)
     with loop.guard:
@@ -190,17 +196,16 @@ def _save(loop: Loop, state: TrainState, cfg: DictConfig, run_dir: Path, num_cla
     return path
 
 
-def _restore(ckpt: dict[str, Any], objective: Objective, optimizer: torch.optim.Optimizer, scheduler: Any,
-             scaler: torch.amp.GradScaler, state: TrainState, monitor: GradientMonitor | None) -> None:
-    objective.model.load_state_dict(ckpt["model"])
-    objective.criterion.load_state_dict(ckpt["criterion"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
+def _restore(ckpt: dict[str, Any], loop: Loop, state: TrainState) -> None:
+    loop.model.load_state_dict(ckpt["model"])
+    loop.criterion.load_state_dict(ckpt["criterion"])
+    loop.optimizer.load_state_dict(ckpt["optimizer"])
+    loop.scheduler.load_state_dict(ckpt["scheduler"])
+    loop.scaler.load_state_dict(ckpt["scaler"])
     for key, value in ckpt["state"].items():
         setattr(state, key, value)
-    if monitor is not None:
-        monitor.load_state_dict(ckpt.get("monitor", {}))
+    if loop.monitor is not None:
+        loop.monitor.load_state_dict(ckpt.get("monitor", {}))
     torch.set_rng_state(ckpt["rng"])
 
 
