@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
@@ -24,6 +26,16 @@ TINY = [
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     # the shapes dataset cache lives in one temp folder per session, never in the user's home
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    # one intra-op thread: on a shared 2-core runner, OpenMP threads waiting at a barrier for a
+    # descheduled peer can make a step tens of times slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -22,14 +21,7 @@ ROW_KEYS = {"name", "head", "adapter", "routing_iterations", "input_capsules", "
             "peak_memory_mb", "vs_fc", "vs_grads_off"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # one intra-op thread: on a shared 2-core runner, OpenMP threads waiting at a barrier for a
-    # descheduled peer can make a step tens of times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_default_plan_covers_heads_adapters_routing_and_diagnostics() -> None:

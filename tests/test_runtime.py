@@ -33,14 +33,7 @@ QUICK = ["trainer.max_steps=3", "data.val_size=8", "trainer.limit_val_batches=1"
 SRC = str(Path(engine.__file__).parent)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # one intra-op thread: on a shared 2-core runner, OpenMP threads waiting at a barrier for a
-    # descheduled peer can make a step tens of times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _site() -> str | None:

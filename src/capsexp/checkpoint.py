@@ -29,18 +29,25 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         raise
 
 
+def read_torch_file(path: str | Path, key: str, missing: str, unreadable: str) -> Any:
+    """``torch.load`` on the CPU, tensors and plain containers only (no code runs from the file).
+
+    A missing or unreadable file is one sentence: ``<key>: <missing>`` or ``<key>: <unreadable>``,
+    where ``{path}`` and ``{error}`` are filled in.
+    """
+    if not Path(path).is_file():
+        raise UserError(f"{key}: " + missing.format(path=path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{key}: " + unreadable.format(path=path, error=type(exc).__name__)) from None
+
+
 def load_checkpoint(path: str | Path, key: str = "trainer.resume") -> dict[str, Any]:
     """Read a capsexp checkpoint; anything else (missing, truncated, foreign) is one clear sentence."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{key}: no checkpoint at '{path}'.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(
-            f"{key}: '{path}' is not a readable checkpoint (truncated or corrupt: {type(exc).__name__}); "
-            f"resume from another file, e.g. checkpoints/best.pt."
-        ) from None
+    state = read_torch_file(path, key, "no checkpoint at '{path}'.",
+                            "'{path}' is not a readable checkpoint (truncated or corrupt: {error}); "
+                            "resume from another file, e.g. checkpoints/best.pt.")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{key}: '{path}' is not a capsexp checkpoint.")
     return state

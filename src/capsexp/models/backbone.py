@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections import OrderedDict
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from capsexp.checkpoint import read_torch_file
 from capsexp.errors import UserError
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -103,18 +103,12 @@ def _torchvision_state(arch: str, name: str) -> dict[str, Tensor]:
 
 
 def _file_state(path: str) -> dict[str, Tensor]:
-    if not os.path.isfile(path):
-        raise UserError(
-            f"backbone.weights: no file at '{path}'; pass an existing state_dict or capsexp checkpoint, "
-            f"a torchvision name ({', '.join(TORCHVISION_WEIGHTS[:2])}), or null for random init."
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(
-            f"backbone.weights: '{path}' is not a readable PyTorch state_dict or capsexp checkpoint "
-            f"({type(exc).__name__})."
-        ) from None
+    names = ", ".join(TORCHVISION_WEIGHTS[:2])
+    obj = read_torch_file(
+        path, "backbone.weights",
+        "no file at '{path}'; pass an existing state_dict or capsexp checkpoint, "
+        f"a torchvision name ({names}), or null for random init.",
+        "'{path}' is not a readable PyTorch state_dict or capsexp checkpoint ({error}).")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # a capsexp checkpoint
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
