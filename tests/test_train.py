@@ -52,6 +52,17 @@ def test_event_files_hold_the_runner_tags(fc_run: tuple[Path, dict]) -> None:
     assert len(tags["val/acc"]) == 2  # one validation per epoch
 
 
+def test_best_is_last_until_validation_stops_improving(tmp_path: Path) -> None:
+    from capsexp.checkpoint import link_checkpoint, save_checkpoint
+
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    save_checkpoint({"step": 1}, last)
+    link_checkpoint(last, best)  # epoch 1 improved: best is last, stored once
+    assert last.stat().st_ino == best.stat().st_ino
+    save_checkpoint({"step": 2}, last)  # epoch 2 did not improve
+    assert load_checkpoint(best)["step"] == 1 and load_checkpoint(last)["step"] == 2
+
+
 def test_checkpoint_holds_everything_needed_to_continue(fc_run: tuple[Path, dict]) -> None:
     ckpt = load_checkpoint(fc_run[0] / "checkpoints" / "last.pt")
     for key in ("model", "optimizer", "scheduler", "state", "config", "num_classes"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,22 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def link_checkpoint(source: Path, path: Path) -> None:
+    """Make ``path`` the same checkpoint as ``source`` (``best.pt`` when it equals ``last.pt``).
+
+    A hard link costs no second write of a few hundred MB; the later replacement of ``source``
+    by ``save_checkpoint`` gives ``source`` a new file and leaves ``path`` as it was. Falls back
+    to a copy where the file system has no hard links. Atomic like ``save_checkpoint``.
+    """
+    tmp = path.with_name(f".{path.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
 
 
 def read_torch_file(path: str | Path, key: str, missing: str, unreadable: str) -> Any:
@@ -55,5 +72,6 @@ def load_checkpoint(path: str | Path, key: str = "trainer.resume") -> dict[str, 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The most recently written checkpoint in a run folder (for ``trainer.resume=auto``)."""
-    found = sorted((run_dir / "checkpoints").glob("*.pt"), key=lambda p: p.stat().st_mtime)
+    # best.pt may be a hard link to last.pt (same mtime): on a tie, last.pt
+    found = sorted((run_dir / "checkpoints").glob("*.pt"), key=lambda p: (p.stat().st_mtime, p.name == "last.pt"))
     return found[-1] if found else None

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from capsexp import __version__
-from capsexp.checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
+from capsexp.checkpoint import link_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
 from capsexp.config import validate
 from capsexp.data import build_datasets, build_loaders
 from capsexp.diagnostics import GradientMonitor
@@ -163,10 +163,11 @@ def _epochs(cfg: DictConfig, loop: Loop, state: TrainState, train_loader: DataLo
         val = evaluate(loop.objective, val_loader, loop.rt, None if limit is None else int(limit),
                        loop.show_progress)
         loop.logger.scalars(val | _throughput(state), state.step)
-        if val["val/acc"] > state.best_val_acc:
-            state.best_val_acc = val["val/acc"]
-            _save(loop, state, cfg, run_dir, num_classes, "best.pt")
-        _save(loop, state, cfg, run_dir, num_classes, "last.pt")
+        improved = val["val/acc"] > state.best_val_acc
+        state.best_val_acc = max(state.best_val_acc, val["val/acc"])
+        last = _save(loop, state, cfg, run_dir, num_classes, "last.pt")
+        if improved and loop.rt.is_main:
+            link_checkpoint(last, last.with_name("best.pt"))
     return val, None
 
 
