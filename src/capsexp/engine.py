@@ -189,7 +189,8 @@ def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -
         ~(torch.isfinite(loss.detach()) & torch.isfinite(total_norm))
     if bool(bad):
         _on_nonfinite(loop, state, loss)
-        return loss.detach() * 0, torch.zeros((), device=rt.device)
+        zero = torch.zeros((), device=rt.device)  # a skipped step adds nothing to the logged loss
+        return zero, zero
     if cfg.grad_clip is not None:
         torch.nn.utils.clip_grads_with_norm_(loop.params, float(cfg.grad_clip), total_norm)
     loop.scaler.step(loop.optimizer)
@@ -206,6 +207,7 @@ def _on_nonfinite(loop: Loop, state: TrainState, loss: Tensor) -> None:
     what = "loss" if not torch.isfinite(loss.detach()) else "gradient"
     if loop.trainer.on_nonfinite == "skip":
         loop.optimizer.zero_grad(set_to_none=True)
+        loop.scaler.update()  # closes this step's unscale_ (fp16); a no-op when scaling is off
         state.skipped_steps += 1
         loop.logger.scalars({"train/skipped_steps": state.skipped_steps}, step)
         print(f"capsexp: non-finite {what} at step {step} (first stage: {stage}); update skipped "
