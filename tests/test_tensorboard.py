@@ -71,3 +71,17 @@ def test_the_tensorboard_server_serves_the_gradient_tags(capsule_run: Path) -> N
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_mean_abs_gradients_are_measured_only_for_the_next_flow_figure() -> None:
+    from omegaconf import OmegaConf
+
+    from capsexp.diagnostics import FLOW_LINES, GradientMonitor
+    from capsexp.logger import RunLogger
+
+    grads = OmegaConf.create({"log_every_n_steps": 10, "figure_every_n_steps": 100,
+                              "alarm": {"early_stages": ["stem"], "ratio": 0.01, "patience": 3}})
+    monitor = GradientMonitor(grads, 10, RunLogger(None), {})
+    needed = [step for step in range(10, 210, 10) if monitor._flow_needs(step)]
+    # the figure at step 100 draws the FLOW_LINES logging steps 30..100, the one at 200 draws 130..200
+    assert needed == [*range(30, 101, 10), *range(130, 201, 10)] and FLOW_LINES == 8

@@ -35,11 +35,20 @@ class GradientMonitor:
     def _due(self, step: int, every: int) -> bool:
         return every > 0 and step % every == 0
 
+    def _flow_needs(self, step: int) -> bool:
+        """Whether this logging step is among the last ``FLOW_LINES`` before the next flow figure."""
+        every = int(self.cfg.figure_every_n_steps)
+        if every <= 0:
+            return False
+        next_figure = -(-step // every) * every
+        return next_figure - step < FLOW_LINES * int(self.cfg.log_every_n_steps)
+
     def after_backward(self, step: int, model: nn.Module, images: Tensor, targets: Tensor) -> None:
         """``step`` counts optimizer steps including this one (the TensorBoard x-axis)."""
         stages = model.stages()
         if self.cfg.enabled and self._due(step, int(self.cfg.log_every_n_steps)):
-            self._log_stats(step, gradient_stats(stages, per_layer=bool(self.cfg.per_layer)))
+            self._log_stats(step, gradient_stats(stages, per_layer=bool(self.cfg.per_layer),
+                                                 mean_abs=self._flow_needs(step)))
         if self._due(step, int(self.cfg.histogram_every_n_steps)):
             for name, module in stages.items():
                 grads = [p.grad.flatten() for p in module.parameters() if p.grad is not None]

@@ -122,13 +122,15 @@ def _norms(tensors: list[torch.Tensor], order: int, device: torch.device) -> tor
     return torch.stack([n.to(device) for n in out])
 
 
-def gradient_stats(stages: Mapping[str, nn.Module], per_layer: bool = True) -> GradStats:
+def gradient_stats(stages: Mapping[str, nn.Module], per_layer: bool = True,
+                   mean_abs: bool = True) -> GradStats:
     """Gradient norms, gradient/weight ratios and mean |grad| of trainable stages.
 
     Parameters whose ``.grad`` is None count as a zero gradient. With
     ``per_layer=False`` the layer dicts are left empty (cheaper), stage values
-    and the total are still computed. ``nonfinite`` is True when any gradient
-    holds a NaN or an infinity.
+    and the total are still computed; with ``mean_abs=False`` only the mean |grad|
+    per layer is left out (it costs one more pass over every gradient). ``nonfinite``
+    is True when any gradient holds a NaN or an infinity.
     """
     layers = weight_bearing_layers(stages)
     if not layers:
@@ -157,9 +159,11 @@ def gradient_stats(stages: Mapping[str, nn.Module], per_layer: bool = True) -> G
     nonfinite = (~torch.isfinite(grad_p)).any().to(torch.float32).reshape(1)
     parts = [grad_s, grad_s / weight_s.clamp_min(_EPS), total, nonfinite]
     if per_layer:
-        abs_sum = torch.zeros(len(layer_keys), device=device)
-        abs_sum.index_add_(0, param_layer, _norms(grads, 1, device))
-        parts += [grad_l, grad_l / weight_l.clamp_min(_EPS), abs_sum / numel]
+        parts += [grad_l, grad_l / weight_l.clamp_min(_EPS)]
+        if mean_abs:  # one more pass over every gradient: only when a flow figure will use it
+            abs_sum = torch.zeros(len(layer_keys), device=device)
+            abs_sum.index_add_(0, param_layer, _norms(grads, 1, device))
+            parts.append(abs_sum / numel)
 
     # note: this is the one device-to-host sync of a logging step
     values = torch.cat(parts).tolist()
@@ -170,7 +174,7 @@ def _unpack(values: list[float], stage_keys: list[str], layer_keys: list[str]) -
     """Split the flat host-side list built by :func:`gradient_stats` into dicts."""
     n_s, n_l = len(stage_keys), len(layer_keys)
     stage_part, rest = values[: 2 * n_s + 2], values[2 * n_s + 2 :]
-    layer = [dict(zip(layer_keys, rest[i * n_l : (i + 1) * n_l])) for i in range(3)]
+    layer = [dict(zip(layer_keys, rest[i * n_l : (i + 1) * n_l])) for i in range(3)]  # absent: {}
     return GradStats(
         stage_norm=dict(zip(stage_keys, stage_part[:n_s])),
         stage_ratio=dict(zip(stage_keys, stage_part[n_s : 2 * n_s])),
