@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -133,8 +133,6 @@ def set_lr_scalars(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     out["lr"] = optimizer.param_groups[-1]["lr"]
     return out
 
-
-StepHook = Callable[[int], None]
 
 
 @dataclass

@@ -85,7 +85,7 @@ def build_loop(cfg: DictConfig, rt: Runtime, num_classes: int, total_steps: int,
     """
     model = build_model(cfg, num_classes)
     criterion = build_loss(cfg.loss)
-    aux_weight = float(cfg.loss.get("reconstruction_weight", 0.0) or 0.0)
+    aux_weight = float(cfg.loss.reconstruction_weight)
     runnable, objective = prepare_model(Objective(model, criterion, aux_weight), rt, bool(cfg.trainer.compile))
     model = objective.model
     groups = param_groups(model, criterion, cfg.optim, pretrained=cfg.backbone.weights is not None)
@@ -129,9 +129,8 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     state = TrainState()
     if ckpt is not None:
         _restore(ckpt, loop, state)
-    model, monitor, logger = loop.model, loop.monitor, loop.logger
     if rt.is_main:
-        _announce(cfg, run_dir, rt, model, monitor, logger, ckpt is not None, state)
+        _announce(cfg, run_dir, loop, ckpt is not None, state)
     with loop.guard:
         metrics, stop = _epochs(cfg, loop, state, train_loader, val_loader, batches, max_epochs, total_steps,
                                 run_dir, num_classes)
@@ -210,10 +209,11 @@ def _restore(ckpt: dict[str, Any], loop: Loop, state: TrainState) -> None:
     torch.set_rng_state(ckpt["rng"])
 
 
-def _announce(cfg: DictConfig, run_dir: Path, rt: Runtime, model: Any, monitor: GradientMonitor,
-              logger: RunLogger, resumed: bool, state: TrainState) -> None:
+def _announce(cfg: DictConfig, run_dir: Path, loop: Loop, resumed: bool, state: TrainState) -> None:
+    rt, model, monitor, logger = loop.rt, loop.model, loop.monitor, loop.logger
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(resolved)
     (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = ", ".join(monitor.frozen) or "none"
@@ -221,7 +221,7 @@ def _announce(cfg: DictConfig, run_dir: Path, rt: Runtime, model: Any, monitor: 
     print(f"capsexp: {where} in {run_dir}\ncapsexp: device {rt.device} ({rt.precision}, world size "
           f"{rt.world_size}); head={cfg.head.name} adapter={cfg.adapter.name} loss={cfg.loss.name}; "
           f"{trainable / 1e6:.2f}M trainable parameters; frozen stages: {frozen}", flush=True)
-    logger.text("config", "```\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```", state.step)
+    logger.text("config", "```\n" + resolved + "\n```", state.step)
     logger.text("frozen_stages", f"frozen stages (no gradient tags): {frozen}", state.step)
     logger.gradient_layout([s for s in model.stages() if s not in monitor.frozen])
 

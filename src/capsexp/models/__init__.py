@@ -56,7 +56,7 @@ def build_model(cfg: Any, num_classes: int) -> Classifier:
     # adapter and head first: a setting that cannot be built fails before weights are read
     adapter = build_adapter(cfg.adapter, OUT_CHANNELS)
     size = adapter.out_size(feature_size(int(cfg.data.image_size)))
-    reconstruction = float(cfg.loss.get("reconstruction_weight", 0.0) or 0.0) > 0
+    reconstruction = float(cfg.loss.reconstruction_weight) > 0
     try:
         head = HEADS[cfg.head.name](cfg.head, adapter.out_channels, size, num_classes, reconstruction)
     except ValueError as exc:
