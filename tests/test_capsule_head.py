@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from capsexp.capsules import dynamic_routing, squash
 from capsexp.models.capsule_head import INACTIVE_LENGTH, CapsuleHead, reconstruction_target
@@ -45,14 +47,45 @@ def test_output_shape_and_weight_shape(size: int, options: dict, inputs: int) ->
     assert head.class_caps.weight.shape == (rows, 5, 6, 4)
 
 
-def test_large_feature_map_weight_not_expanded_per_batch() -> None:
+class _Allocations(TorchDispatchMode):
+    """Records the storage size (bytes) behind every tensor an operator returns.
+
+    Storage, not ``numel``: an ``expand``-ed view costs nothing, a materialised copy does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        self.nbytes += [t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def _allocations(batch: int, **options: object) -> tuple[_Allocations, CapsuleHead]:
     torch.manual_seed(0)
-    head = CapsuleHead(2048, (7, 7), 3, primary_types=32, primary_dim=8, class_dim=16)
-    assert head.class_caps.weight.shape == (7 * 7 * 32, 3, 16, 8)
-    scores = head(_features(2, 2048, 7))
-    assert scores.shape == (2, 3) and torch.isfinite(scores).all()
-    # The only W-sized tensors are the parameter itself: none scale with the batch.
-    assert sum(p.numel() for p in head.class_caps.parameters()) == 7 * 7 * 32 * 3 * 16 * 8
+    head = CapsuleHead(64, (7, 7), 10, primary_types=8, primary_dim=8, class_dim=16, **options)
+    features = _features(batch, 64, 7)
+    with _Allocations() as record:
+        head(features).sum().backward()
+    return record, head
+
+
+@pytest.mark.parametrize("options", [{}, {"routing_detach": True}, {"routing_iterations": 1},
+                                     {"share_weights": True}])
+def test_memory_is_linear_in_batch_without_a_per_sample_weight_copy(options: dict) -> None:
+    inputs, classes, class_dim, batch = 7 * 7 * 8, 10, 16, 8
+    record, head = _allocations(batch, **options)
+    assert head.primary.num_capsules == inputs
+    weight_bytes = head.class_caps.weight.numel() * 4
+    predictions_bytes = batch * inputs * classes * class_dim * 4
+    # nothing in forward + backward is larger than the weight (its gradient) or the predictions
+    # u_hat [B, I, J, 16]; a W_ij copied per sample would be batch x the weight
+    assert max(record.nbytes) <= max(weight_bytes, predictions_bytes)
+    # all memory that forward + backward allocate is a + b * batch: equal steps in batch, equal growth
+    totals = [sum(_allocations(b, **options)[0].nbytes) for b in (2, 4, 6)]
+    assert totals[2] - totals[1] == totals[1] - totals[0] > 0
 
 
 def test_scores_match_a_manual_forward() -> None:
