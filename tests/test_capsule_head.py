@@ -185,6 +185,47 @@ def test_reconstruction_loss_and_grid() -> None:
     torch.testing.assert_close(grid, grid_before_loss)
 
 
+def _decoder_inputs(head: CapsuleHead) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    head.decoder[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    return seen
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_reconstruction_loss_formula_and_mask(training: bool) -> None:
+    """Sum of squared errors per image, batch mean; one class capsule decoded, the rest zero.
+
+    Training keeps the true class's capsule; evaluation keeps the longest (the prediction).
+    """
+    torch.manual_seed(0)
+    classes, size = 4, 6
+    head = CapsuleHead(8, (1, 1), classes, **SMALL, reconstruction=True,
+                       decoder_hidden=(16,), decoder_image_size=size)
+    head.train(training)
+    images = torch.rand(5, 3, 12, 12)
+    targets = torch.tensor([0, 1, 2, 3, 1])
+    scores = head(_features(5, 8, 1))
+    seen = _decoder_inputs(head)
+    loss = head.auxiliary_loss(images, targets)
+
+    v = head._latest()["v"].detach()
+    keep = targets if training else scores.argmax(dim=1)
+    masked = torch.zeros_like(v)
+    masked[torch.arange(5), keep] = v[torch.arange(5), keep]
+    torch.testing.assert_close(seen[0], masked.flatten(1))
+    recon = head.decoder(masked.flatten(1)).view(5, 3, size, size)
+    expected = ((recon - reconstruction_target(images, size)) ** 2).sum(dim=(1, 2, 3)).mean()
+    torch.testing.assert_close(loss, expected)
+    # in evaluation the labels do not reach the decoder at all
+    other = head.auxiliary_loss(images, (targets + 1) % classes)
+    assert len(seen) == 3  # the loss, the hand-made decode above, the loss with other labels
+    if training:
+        assert not torch.equal(seen[2], seen[0])
+    else:
+        torch.testing.assert_close(seen[2], seen[0])
+        torch.testing.assert_close(other, loss)
+
+
 def test_reconstruction_target_is_min_max_of_the_area_downsample() -> None:
     images = torch.randn(2, 3, 4, 4)
     target = reconstruction_target(images, 2)

@@ -156,7 +156,10 @@ def test_detached_routing_gradient_is_the_constant_coupling_gradient() -> None:
     v, couplings = dynamic_routing(u_hat, 3, detach=True, return_couplings=True)
     (grad_detached,) = torch.autograd.grad((v * weights).sum(), u_hat)
 
-    c_const = couplings[-1].clone()  # constant: no graph
+    # the couplings of the last iteration, from the loop-based reference: constants, no graph
+    per_sample = _reference_routing(u_hat.detach(), 3)[1]
+    c_const = torch.tensor([c[-1] for c in per_sample], dtype=u_hat.dtype)
+    torch.testing.assert_close(couplings[-1], c_const)
     v_const = _constant_coupling_v(u_hat, c_const)
     torch.testing.assert_close(v, v_const)
     (grad_const,) = torch.autograd.grad((v_const * weights).sum(), u_hat)
@@ -193,6 +196,17 @@ def test_routing_low_precision_runs_in_float32() -> None:
     v = dynamic_routing(u_hat, 3)
     assert v.dtype == torch.float32
     torch.testing.assert_close(v, dynamic_routing(u_hat.float(), 3))
+
+
+def test_routing_under_autocast_stays_float32() -> None:
+    """Autocast would run the routing einsums in bf16; routing switches it off inside."""
+    u_hat = _u_hat().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v, couplings = dynamic_routing(u_hat, 3, return_couplings=True)
+    assert v.dtype == couplings.dtype == torch.float32
+    v_ref, c_ref = dynamic_routing(u_hat, 3, return_couplings=True)
+    torch.testing.assert_close(v, v_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(couplings, c_ref, rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------- losses

@@ -246,11 +246,15 @@ class CapsuleHead(Head):
             u_hat, self.routing_iterations, detach=self.routing_detach, return_couplings=True
         )
         lengths = capsule_length(v)
+        with torch.no_grad():
+            # reduced now, so no [iterations, B, I, J] tensor outlives this forward (with 1000
+            # classes at 224 px that would be gigabytes held until the next step)
+            entropy = torch.stack([coupling_entropy(c) for c in couplings])
         # Kept for the hooks; v keeps its graph because the reconstruction loss trains through it.
         self._state = {
             "v": v,
             "lengths": lengths.detach(),
-            "couplings": couplings,
+            "coupling_entropy": entropy,
             "primary_lengths": capsule_length(u.detach()),
         }
         self._cached_reconstruction = None
@@ -262,9 +266,14 @@ class CapsuleHead(Head):
         return self._state
 
     def _reconstruct(self, v: Tensor, targets: Tensor) -> Tensor:
-        """Decode the true-class capsule (others masked to zero) to ``[B, 3, s, s]``."""
+        """Decode one class capsule per image (others masked to zero) to ``[B, 3, s, s]``.
+
+        In training the true class's capsule, in evaluation the longest (the predicted class),
+        as in the paper: at test time the label must not steer the reconstruction.
+        """
         assert self.decoder is not None
-        mask = F.one_hot(targets.long(), self.num_classes).to(v.dtype)
+        keep = targets if self.training else capsule_length(v.detach()).argmax(dim=-1)
+        mask = F.one_hot(keep.long(), self.num_classes).to(v.dtype)
         flat = self.decoder((v * mask[..., None]).flatten(1))
         return flat.float().view(-1, 3, self.image_size, self.image_size)
 
@@ -290,8 +299,8 @@ class CapsuleHead(Head):
         """
         state = self._latest()
         out = {
-            f"capsule/coupling_entropy/iter{k + 1}": coupling_entropy(c)
-            for k, c in enumerate(state["couplings"])
+            f"capsule/coupling_entropy/iter{k + 1}": h
+            for k, h in enumerate(state["coupling_entropy"].unbind())
         }
         lengths = state["lengths"]
         is_true = F.one_hot(targets.long(), self.num_classes).to(lengths.dtype)
