@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -283,3 +284,53 @@ def test_ddp_shards_make_up_the_single_process_batches(tmp_path: Path) -> None:
     per_rank = [[sorted(y.tolist()) for _, y in loader] for loader in shards]
     for k, (_, y) in enumerate(single):  # global batch k = the union of the ranks' batch k
         assert sorted(per_rank[0][k] + per_rank[1][k]) == sorted(y.tolist())
+
+
+class _RandomAugmented(torch.utils.data.Dataset):
+    """Every item draws from torch's generator, as a random crop or flip does."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.rand(3), index
+
+
+def _augmented_epochs(loader: Any, epochs: int = 2) -> list[list[torch.Tensor]]:
+    out = []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        out.append([x for x, _ in loader])
+    return out
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_sample(tmp_path: Path) -> None:
+    cfg = data_cfg("shapes", batch_size=3, num_workers=0)
+    augmented = _RandomAugmented()
+    loader = build_loaders(cfg, augmented, augmented, seed=3)[0]
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    epochs = _augmented_epochs(loader)
+    # iterating the loader left the caller's random stream alone
+    assert torch.equal(torch.rand(4), expected_next)
+    assert not torch.equal(torch.cat(epochs[0]), torch.cat(epochs[1]))  # fresh draws every epoch
+    # the same draws with two worker processes, and after a mid-epoch resume
+    cfg.num_workers = 2
+    assert all(torch.equal(torch.cat(a), torch.cat(b)) for a, b in
+               zip(epochs, _augmented_epochs(build_loaders(cfg, augmented, augmented, seed=3)[0])))
+    cfg.num_workers = 0
+    resumed = build_loaders(cfg, augmented, augmented, seed=3)[0]
+    resumed.sampler.set_epoch(1, skip=6)
+    assert torch.equal(torch.cat([x for x, _ in resumed]), torch.cat(epochs[1][2:]))
+    other_seed = _augmented_epochs(build_loaders(cfg, augmented, augmented, seed=4)[0])
+    assert not torch.equal(torch.cat(other_seed[0]), torch.cat(epochs[0]))
+
+
+def test_validation_shards_are_not_padded(tmp_path: Path) -> None:
+    cfg, train, val = small_shapes(tmp_path, batch_size=2)  # 6 validation images over 4 ranks
+    shards = [build_loaders(cfg, train, val, seed=0, rank=r, world_size=4)[1] for r in range(4)]
+    seen = [len(loader.sampler) for loader in shards]
+    assert seen == [2, 2, 1, 1] and sum(seen) == len(val)
+    indices = sorted(i for loader in shards for i in loader.sampler)
+    assert indices == list(range(len(val)))  # every image once, none twice

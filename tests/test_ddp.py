@@ -28,7 +28,8 @@ from conftest import TINY, make_cfg
 BATCH = 4  # per process; the single-process reference uses 2 x BATCH
 # SGD: its update is linear in the gradient, so the two runs' float rounding differences stay at
 # rounding level (Adam divides by sqrt(v) + 1e-8 and magnifies them in near-zero gradients)
-COMMON = ["data.train_size=32", "trainer.max_steps=6", "trainer.max_epochs=2", "backbone.freeze_depth=5",
+# 15 validation images: rank 0 gets 8, rank 1 gets 7 (no padding, so no image counts twice)
+COMMON = ["data.train_size=32", "data.val_size=15", "trainer.max_steps=6", "trainer.max_epochs=2", "backbone.freeze_depth=5",
           "trainer.precision=fp32", "grads.figure_every_n_steps=0", "optim=sgd"]
 CASES = {
     "fc": ["head=fc", "adapter=conv", "adapter.norm=group", "adapter.width=64"],
@@ -87,6 +88,9 @@ def test_two_processes_train_like_one_with_twice_the_batch(head: str, tmp_path: 
     assert stats and ddp["steps"] == single["steps"] == 6
     for key in stats:
         assert ddp[key] == pytest.approx(single[key], rel=1e-4), key
+    # validation over both ranks' unequal shards is validation over the whole set
+    for key in ("val/acc", "val/loss", "best/val/acc"):
+        assert ddp[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
 
     ddp_losses, single_losses = losses(ddp_dir), losses(single_dir)
     assert [s for s, _ in ddp_losses] == [s for s, _ in single_losses] == list(range(1, 7))

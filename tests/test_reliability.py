@@ -122,12 +122,27 @@ def test_nan_gradient_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path,
 def test_nan_gradient_with_skip_skips_and_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from test_train import scalar_tags
 
+    import capsexp.engine as engine
+
     _poison(monkeypatch, at_step=3)
-    cfg = make_cfg("data.train_size=16", "trainer.max_epochs=3", "trainer.max_steps=6",
-                   "trainer.on_nonfinite=skip")
+    losses: list[float] = []
+    real_step = engine.train_step
+
+    def step(*args: object) -> tuple:
+        out = real_step(*args)
+        losses.append(float(out[0]))
+        return out
+
+    monkeypatch.setattr(engine, "train_step", step)
+    # steps 3 (poisoned) and 4 share one logging window
+    cfg = make_cfg("data.train_size=32", "trainer.max_epochs=2", "trainer.max_steps=6",
+                   "trainer.on_nonfinite=skip", "trainer.log_every_n_steps=2")
     metrics = train(cfg, run_dir=tmp_path)
     assert metrics["skipped_steps"] == 1 and metrics["status"] == "completed"
-    assert scalar_tags(tmp_path)["train/skipped_steps"] == [(3, 1.0)]
+    tags = scalar_tags(tmp_path)
+    assert tags["train/skipped_steps"] == [(3, 1.0)]
+    # the skipped step counts for nothing in the logged average: it is step 4's loss alone
+    assert losses[2] == 0.0 and dict(tags["train/loss"])[4] == pytest.approx(losses[3], rel=1e-6)
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 

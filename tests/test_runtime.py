@@ -127,10 +127,10 @@ def test_a_step_syncs_once_and_a_diagnostics_step_once_more_per_measurement(bf16
     head, _, _, log = bf16_run
     by_step = {e["step"]: e["sites"] for e in log}
     # steps 1 and 3: only the documented non-finite check
-    assert by_step[1] == by_step[3] == ["engine.train_step"]
+    assert by_step[1] == by_step[3] == ["engine._step_flags"]
     # step 2 (a logging step): the gradient statistics come over in one transfer, and the capsule
     # head's telemetry in one more
-    expected = ["engine.train_step", "gradients.gradient_stats"]
+    expected = ["engine._step_flags", "gradients.gradient_stats"]
     if head == "capsule":
         expected.append("diagnostics.after_backward")
     assert sorted(by_step[2]) == sorted(expected)
@@ -160,6 +160,15 @@ def test_each_rank_gets_the_gpu_of_its_local_rank(monkeypatch: pytest.MonkeyPatc
     assert _resolve_device("cuda", 1) == torch.device("cuda", 1)
     assert _resolve_device("cuda:0", 1) == torch.device("cuda", 0)  # an explicit index wins
     assert _resolve_device("cpu", 1) == torch.device("cpu")
+
+
+def test_one_gpu_index_for_every_rank_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match=r"trainer.device=cuda:0 would put every process on one GPU"):
+        setup_runtime(make_cfg("trainer.device=cuda:0").trainer)
 
 
 @pytest.mark.parametrize("head, loss", [("fc", "ce"), ("capsule", "spread")])
@@ -211,3 +220,64 @@ def test_loader_workers_persist_across_epochs(tmp_path: Path) -> None:
                              "trainer.max_steps=4", *QUICK[1:]), run_dir=tmp_path)
     assert metrics["steps"] == 4 and metrics["epochs"] == 2
     assert math.isfinite(metrics["train/loss"])
+
+
+def _scaled_loop(tmp_path: Path) -> engine.Loop:
+    """A real loop with an enabled GradScaler: the fp16 update path, on the CPU."""
+    from capsexp.train import build_loop
+
+    cfg = make_cfg("head=fc", "backbone.freeze_depth=4", "grads.enabled=false", "optim.warmup_steps=0")
+    rt = setup_runtime(cfg.trainer)
+    loop = build_loop(cfg, rt, 8, 10, tmp_path / "tb", show_progress=False)
+    loop.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    return loop
+
+
+def test_scaled_update_path_syncs_once_and_overflow_skips_update_and_schedule(tmp_path: Path) -> None:
+    loop = _scaled_loop(tmp_path)
+    state = engine.TrainState()
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    weight = loop.model.head.fc.weight
+
+    def step() -> tuple[Any, list[str]]:
+        reads = HostReads()
+        with pytest.MonkeyPatch.context() as patch, reads:
+            patch.setattr(torch.Tensor, "tolist", reads.wrap(torch.Tensor.tolist))
+            out = engine.train_step(loop, images, targets, state)
+        state.step += 1
+        return out, reads.sites
+
+    before = weight.detach().clone()
+    (loss, correct, n), sites = step()
+    assert sites == ["engine._step_flags"] and n == 4 and torch.isfinite(loss)
+    assert not torch.equal(weight, before) and loop.scheduler.last_epoch == 1
+    assert loop.scaler.get_scale() == 2.0**10
+
+    # an overflow: the scaled gradient of the head turns infinite
+    handle = weight.register_hook(lambda grad: grad * float("inf"))
+    before = weight.detach().clone()
+    (loss, correct, n), sites = step()
+    handle.remove()
+    assert sites == ["engine._step_flags"] and n == 0 and float(loss) == 0.0
+    assert torch.equal(weight, before), "an overflow step must not update the weights"
+    assert loop.scheduler.last_epoch == 1, "nor advance the learning-rate schedule"
+    assert loop.scaler.get_scale() == 2.0**9 and state.skipped_steps == 1
+
+    (loss, correct, n), _ = step()  # and training goes on at the smaller scale
+    assert n == 4 and not torch.equal(weight, before) and loop.scheduler.last_epoch == 2
+
+
+def test_a_checkpoint_without_loss_scaling_resumes_under_a_scaler(tmp_path: Path) -> None:
+    """fp32/bf16 checkpoints hold an empty scaler state; resuming them with fp16 starts a fresh scale."""
+    from capsexp.checkpoint import load_checkpoint
+    from capsexp.train import _restore
+
+    train(make_cfg("head=fc", "backbone.freeze_depth=4", "trainer.max_steps=2", "grads.enabled=false",
+                   "optim.warmup_steps=0"),
+          run_dir=tmp_path / "run")
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["scaler"] == {}
+    loop, state = _scaled_loop(tmp_path), engine.TrainState()
+    _restore(ckpt, loop, state)
+    assert state.step == 2 and loop.scaler.get_scale() == 2.0**10
+    assert torch.equal(loop.model.head.fc.weight, ckpt["model"]["head.fc.weight"])

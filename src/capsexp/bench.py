@@ -204,6 +204,17 @@ class PeakMemory:
             except OSError:
                 self.base_kb = -1
 
+    def skip_warmup(self) -> None:
+        """Forget the peaks of the warm-up steps (cuDNN's algorithm search, compilation), keeping
+        what they left allocated (model, optimizer state): the row reports a steady step."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.device.type == "cpu" and self.base_kb >= 0:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.base_kb = -1
+
     def peak_mb(self) -> float | None:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -246,6 +257,8 @@ def time_row(cfg: DictConfig, rt: Runtime, classes: int, tb_dir: Path) -> dict[s
     for index in range(warmup + steps):
         images, targets = batches[index % len(batches)]
         rt.synchronize()  # time the step's own work, not work still queued on the GPU
+        if index == warmup:
+            memory.skip_warmup()
         tick = time.perf_counter()
         train_step(loop, images, targets, state)
         rt.synchronize()

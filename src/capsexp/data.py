@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from capsexp.sampling import EpochSampler
+from capsexp.sampling import EpochSampler, SeededSamples
 
 log = logging.getLogger(__name__)
 
@@ -364,19 +364,25 @@ def build_loaders(cfg: Any, train_ds: Dataset, val_ds: Dataset, *, seed: int, pi
     """Train and val loaders over ``train_ds`` and ``val_ds``, sharded for DDP rank ``rank``.
 
     Both use an ``EpochSampler`` (``loader.sampler.set_epoch(epoch, skip)``): the train order is
-    a permutation seeded by ``seed`` and the epoch, so two runs, and a run resumed mid-epoch, see
-    the same batches. The train loader drops its last partial batch.
+    a permutation seeded by ``seed`` and the epoch, and each training sample's augmentation is
+    seeded by ``seed``, the epoch and its index (``SeededSamples``), so two runs, and a run
+    resumed mid-epoch, see the same batches with any number of workers. The train loader drops
+    its last partial batch; the validation shards are not padded.
     """
     batch_size = _int_at_least(cfg, "batch_size", 1)
     num_workers = _int_at_least(cfg, "num_workers", 0, default=0)
-    train_sampler = EpochSampler(len(train_ds), True, seed, rank, world_size)
-    val_sampler = EpochSampler(len(val_ds), False, seed, rank, world_size)
+    train_sampler = EpochSampler(len(train_ds), True, seed, rank, world_size, keyed=True)
+    val_sampler = EpochSampler(len(val_ds), False, seed, rank, world_size, pad=False)
     if len(train_sampler) < batch_size:
         where = " per process" if world_size > 1 else ""
         raise DataError(f"data.batch_size ({batch_size}) exceeds the training set ({len(train_sampler)} "
                         f"images{where}), so no full batch exists; lower data.batch_size or add data.")
     common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers,
                               "pin_memory": pin_memory, "persistent_workers": num_workers > 0}
-    train = DataLoader(train_ds, sampler=train_sampler, drop_last=True, **common)
-    val = DataLoader(val_ds, sampler=val_sampler, drop_last=False, **common)
+    # own generators: a loader would otherwise draw its workers' base seed from the global
+    # stream each time it starts an epoch, shifting it on resume
+    train = DataLoader(SeededSamples(train_ds, seed), sampler=train_sampler, drop_last=True,
+                       generator=torch.Generator().manual_seed(seed), **common)
+    val = DataLoader(val_ds, sampler=val_sampler, drop_last=False,
+                     generator=torch.Generator().manual_seed(seed + 1), **common)
     return train, val

@@ -73,6 +73,8 @@ class GradientMonitor:
         for layer, norm in stats.layer_norm.items():
             values[f"grad_norm_layer/{layer}"] = norm
         self.logger.scalars(values, step)
+        if stats.nonfinite:  # an fp16 overflow step (skipped) or a failing one: not in the run's medians
+            return
         self.history.append({f"grad_norm/{k}": v for k, v in stats.stage_norm.items()} |
                             {"grad_norm/total": stats.total})
         if stats.layer_mean_abs:

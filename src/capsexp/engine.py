@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import sys
 import time
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from capsexp.runtime import Runtime, all_reduce_mean
+from capsexp.runtime import Runtime, all_reduce_max, all_reduce_mean, all_reduce_sum
 
 
 class Objective(nn.Module):
@@ -107,24 +108,28 @@ def progress_bar(iterable: Iterable, total: int, desc: str, enabled: bool) -> It
 @torch.no_grad()
 def evaluate(objective: nn.Module, loader: Iterable, rt: Runtime, limit: int | None,
              show_progress: bool) -> dict[str, float]:
-    """Mean loss and accuracy over the validation set (all ranks' results averaged)."""
+    """Mean loss and accuracy over the validation set (over all ranks' samples under DDP).
+
+    Under DDP ``objective`` must be the unwrapped module: ranks may hold different numbers of
+    validation batches, and DDP's forward would wait for a collective the others never join.
+    """
     objective.eval()
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device)
     seen = torch.zeros((), device=rt.device)
     total = len(loader) if limit is None else min(limit, len(loader))
-    for index, (images, targets) in enumerate(progress_bar(loader, total, "val", show_progress)):
-        if index >= total:
-            break
+    batches = itertools.islice(loader, total)  # not one batch more than the limit is loaded
+    for images, targets in progress_bar(batches, total, "val", show_progress):
         images, targets = rt.to_device(images, targets)
         with rt.autocast():
             loss, scores = objective(images, targets, 1.0)
         loss_sum += loss.float() * targets.numel()
         correct += (scores.argmax(1) == targets).sum()
         seen += targets.numel()
-    stats = torch.stack([loss_sum / seen.clamp(min=1), correct / seen.clamp(min=1)])
-    stats = all_reduce_mean(stats, rt).tolist()  # note: one CPU-GPU sync per evaluation
-    return {"val/loss": stats[0], "val/acc": stats[1]}
+    # sums, not per-rank means: under DDP the ranks may hold different numbers of samples
+    sums = all_reduce_sum(torch.stack([loss_sum, correct, seen.float()]), rt)
+    loss_total, correct_total, count = sums.tolist()  # note: one CPU-GPU sync per evaluation
+    return {"val/loss": loss_total / max(count, 1), "val/acc": correct_total / max(count, 1)}
 
 
 def set_lr_scalars(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -141,6 +146,7 @@ class Loop:
 
     objective: nn.Module           # what runs (maybe DDP-wrapped, maybe compiled)
     model: nn.Module               # the bare Classifier (stages, head hooks)
+    evaluator: nn.Module           # what evaluates: the objective without the DDP wrapper
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
@@ -165,15 +171,20 @@ def _grad_total_norm(params: list[nn.Parameter], device: torch.device) -> Tensor
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
-def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -> tuple[Tensor, Tensor]:
-    """Forward, backward, diagnostics, guarded update. Returns (loss, correct) as device tensors."""
+def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -> tuple[Tensor, Tensor, int]:
+    """Forward, backward, diagnostics, guarded update.
+
+    Returns (loss, correct, n): device tensors plus the number of images the step counts for
+    (0 when its update was skipped, so a skipped step does not enter the logged averages).
+    """
     rt, cfg = loop.rt, loop.trainer
     images, targets = rt.to_device(images, targets)
     loop.optimizer.zero_grad(set_to_none=True)
     with rt.autocast():
         # a CPU tensor, not a float: a compiled objective guards on a float's value (one compile per
-        # new value); reading it back in the eager loss is a host-side read, not a device sync
-        progress = torch.tensor(state.step / max(loop.total_steps, 1), dtype=torch.float64)
+        # new value); reading it back in the eager loss is a host-side read, not a device sync.
+        # 0 at the first step, 1 at the last, so annealed losses reach their end value
+        progress = torch.tensor(state.step / max(loop.total_steps - 1, 1), dtype=torch.float64)
         loss, scores = loop.objective(images, targets, progress)
     loop.scaler.scale(loss).backward()
     loop.scaler.unscale_(loop.optimizer)
@@ -181,28 +192,55 @@ def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -
     if loop.monitor is not None:
         loop.monitor.after_backward(state.step + 1, loop.model, images, targets)
     total_norm = _grad_total_norm(loop.params, rt.device)
-    # fp16 overflow is the GradScaler's business (it skips and rescales); otherwise a non-finite
-    # gradient is a real fault. note: this is a CPU-GPU sync point, one scalar per step
-    bad = ~torch.isfinite(loss.detach()) if loop.scaler.is_enabled() else \
-        ~(torch.isfinite(loss.detach()) & torch.isfinite(total_norm))
-    if bool(bad):
-        _on_nonfinite(loop, state, loss)
-        zero = torch.zeros((), device=rt.device)  # a skipped step adds nothing to the logged loss
-        return zero, zero
+    loss_bad, grad_bad, stop = _step_flags(loop, loss, total_norm)
+    if stop:  # a signal reached some rank: every rank ends after this same step
+        loop.guard.received = loop.guard.received or signal.SIGTERM
+    if grad_bad and not loss_bad and loop.scaler.is_enabled():
+        # fp16 overflow: the scaler's business. No update, no schedule step, a smaller scale
+        loop.optimizer.zero_grad(set_to_none=True)
+        loop.scaler.update()
+        state.skipped_steps += 1
+        return _skipped(rt)
+    if loss_bad or grad_bad:
+        _on_nonfinite(loop, state, loss_bad)
+        return _skipped(rt)
     if cfg.grad_clip is not None:
         torch.nn.utils.clip_grads_with_norm_(loop.params, float(cfg.grad_clip), total_norm)
-    loop.scaler.step(loop.optimizer)
+    # not scaler.step(): it would read found_inf on the host a second time; the flags above
+    # already proved the unscaled gradients finite, and update() reads found_inf on the device
+    loop.optimizer.step()
     loop.scaler.update()
     loop.scheduler.step()
-    return loss.detach(), (scores.argmax(1) == targets).sum()
+    return loss.detach(), (scores.argmax(1) == targets).sum(), targets.shape[0]
 
 
-def _on_nonfinite(loop: Loop, state: TrainState, loss: Tensor) -> None:
+def _step_flags(loop: Loop, loss: Tensor, total_norm: Tensor) -> tuple[bool, bool, bool]:
+    """(loss non-finite, gradients non-finite, stop requested), read in one device-to-host transfer.
+
+    note: this is the one CPU-GPU sync of an ordinary step. Under DDP the flags are all-reduced
+    (MAX), so every rank takes the same decision: gradients are already averaged, but a signal
+    reaches each rank at its own moment.
+    """
+    received = float(loop.guard.received is not None)
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), (~torch.isfinite(total_norm)).float(),
+                         torch.full((), received, device=total_norm.device)])
+    if loop.rt.distributed:
+        all_reduce_max(flags, loop.rt)
+    loss_bad, grad_bad, stop = flags.tolist()
+    return loss_bad > 0, grad_bad > 0, stop > 0
+
+
+def _skipped(rt: Runtime) -> tuple[Tensor, Tensor, int]:
+    zero = torch.zeros((), device=rt.device)
+    return zero, zero, 0
+
+
+def _on_nonfinite(loop: Loop, state: TrainState, loss_bad: bool) -> None:
     from capsexp.gradients import nonfinite_stage
 
     stage = nonfinite_stage(loop.model.stages()) or "none (the loss itself)"
     step = state.step + 1  # the TensorBoard x-axis: this step, counted from 1
-    what = "loss" if not torch.isfinite(loss.detach()) else "gradient"
+    what = "loss" if loss_bad else "gradient"
     if loop.trainer.on_nonfinite == "skip":
         loop.optimizer.zero_grad(set_to_none=True)
         loop.scaler.update()  # closes this step's unscale_ (fp16); a no-op when scaling is off
@@ -227,22 +265,25 @@ def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int,
     loop.objective.train()
     rt, cfg = loop.rt, loop.trainer
     sums = torch.tensor(state.window, device=rt.device)  # loss x n, correct, n since the last log
-    bar = progress_bar(loader, batches - state.batch_in_epoch, f"epoch {state.epoch}", loop.show_progress)
+    count = batches - state.batch_in_epoch
+    if max_steps is not None:
+        count = min(count, max_steps - state.step)
+    # islice: not one batch more than this epoch will train on is loaded
+    bar = progress_bar(itertools.islice(loader, max(count, 0)), count, f"epoch {state.epoch}",
+                       loop.show_progress)
     tick = None
     for images, targets in bar:
-        if state.batch_in_epoch >= batches or (max_steps is not None and state.step >= max_steps):
-            break
         if tick is None and state.step >= cfg.warmup_steps_excluded:
             rt.synchronize()
             tick, tick_images = time.perf_counter(), 0
-        n = targets.shape[0]
-        loss, correct = train_step(loop, images, targets, state)
+        batch = targets.shape[0]
+        loss, correct, n = train_step(loop, images, targets, state)
         # torch.full, not torch.tensor: a host-to-GPU copy of a Python number would sync every step
         sums += torch.stack([loss.float() * n, correct.float(), torch.full((), float(n), device=rt.device)])
         state.step += 1
         state.batch_in_epoch += 1
         if tick is not None:
-            tick_images += n
+            tick_images += batch
         if state.step % cfg.log_every_n_steps == 0:
             _log_train(loop, sums, state, bar)
             sums.zero_()

@@ -94,8 +94,16 @@ def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         if device.type != "cuda":
             return None  # CPU stays a correct fp32 path by default
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _native_bf16() else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _native_bf16() -> bool:
+    """bf16 in hardware (Ampere and newer). Older GPUs emulate it slowly: fp16 + scaler is faster."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.4 had no emulation to exclude
+        return torch.cuda.is_bf16_supported()
 
 
 def setup_runtime(trainer_cfg: Any) -> Runtime:
@@ -104,10 +112,14 @@ def setup_runtime(trainer_cfg: Any) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _resolve_device(str(trainer_cfg.device), local_rank)
+    if world_size > 1 and device.type == "cuda" and device.index != local_rank:
+        raise UserError(f"trainer.device={trainer_cfg.device} would put every process on one GPU; "
+                        f"under torchrun use trainer.device=auto or cuda (each rank takes LOCAL_RANK's GPU).")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group, so NCCL binds this rank's GPU
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -119,8 +131,14 @@ def setup_runtime(trainer_cfg: Any) -> Runtime:
     return Runtime(device, dtype, channels_last, rank, world_size, local_rank)
 
 
-def prepare_model(model: nn.Module, rt: Runtime, compile_model: bool) -> tuple[nn.Module, nn.Module]:
-    """Move, format, wrap: returns ``(runnable, bare)``; the bare model is what gets saved and inspected."""
+def prepare_model(model: nn.Module, rt: Runtime, compile_model: bool
+                  ) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Move, format, wrap: returns ``(runnable, evaluator, bare)``.
+
+    The bare model is what gets saved and inspected; the evaluator is the runnable without the
+    DDP wrapper (evaluation needs no gradient synchronisation, and ranks may run different
+    numbers of validation batches).
+    """
     model = model.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -131,9 +149,13 @@ def prepare_model(model: nn.Module, rt: Runtime, compile_model: bool) -> tuple[n
         # no device_ids: inputs are already on this rank's device (Runtime.to_device), and DDP
         # would otherwise also copy the step's CPU-side ``progress`` scalar to the GPU
         runnable = DistributedDataParallel(model, device_ids=None)
+    evaluator: nn.Module = model
     if compile_model:
         runnable = torch.compile(runnable)
-    return runnable, model
+        evaluator = torch.compile(model) if rt.distributed else runnable
+    elif not rt.distributed:
+        evaluator = runnable
+    return runnable, evaluator, model
 
 
 def all_reduce_mean(value: Tensor, rt: Runtime) -> Tensor:
@@ -141,6 +163,20 @@ def all_reduce_mean(value: Tensor, rt: Runtime) -> Tensor:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= rt.world_size
+    return value
+
+
+def all_reduce_sum(value: Tensor, rt: Runtime) -> Tensor:
+    """In place: the element-wise sum over all ranks (a no-op in one process)."""
+    if rt.distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_reduce_max(value: Tensor, rt: Runtime) -> Tensor:
+    """In place: the element-wise maximum over all ranks (a no-op in one process)."""
+    if rt.distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value
 
 

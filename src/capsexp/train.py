@@ -86,7 +86,8 @@ def build_loop(cfg: DictConfig, rt: Runtime, num_classes: int, total_steps: int,
     model = build_model(cfg, num_classes)
     criterion = build_loss(cfg.loss)
     aux_weight = float(cfg.loss.reconstruction_weight)
-    runnable, objective = prepare_model(Objective(model, criterion, aux_weight), rt, bool(cfg.trainer.compile))
+    runnable, evaluator, objective = prepare_model(Objective(model, criterion, aux_weight), rt,
+                                                   bool(cfg.trainer.compile))
     model = objective.model
     groups = param_groups(model, criterion, cfg.optim, pretrained=cfg.backbone.weights is not None)
     optimizer = build_optimizer(cfg.optim, groups)
@@ -94,7 +95,7 @@ def build_loop(cfg: DictConfig, rt: Runtime, num_classes: int, total_steps: int,
     logger = RunLogger(log_dir if rt.is_main else None)
     monitor = GradientMonitor(cfg.grads, int(cfg.trainer.log_every_n_steps), logger, model.stages()) \
         if rt.is_main else None
-    return Loop(runnable, model, optimizer, scheduler, rt.grad_scaler(), rt, cfg.trainer, monitor, logger,
+    return Loop(runnable, model, evaluator, optimizer, scheduler, rt.grad_scaler(), rt, cfg.trainer, monitor, logger,
                 SignalGuard(), total_steps, show_progress, criterion)
 
 
@@ -131,9 +132,13 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
         _restore(ckpt, loop, state)
     if rt.is_main:
         _announce(cfg, run_dir, loop, ckpt is not None, state)
-    with loop.guard:
-        metrics, stop = _epochs(cfg, loop, state, train_loader, val_loader, batches, max_epochs, total_steps,
-                                run_dir, num_classes)
+    try:
+        with loop.guard:
+            metrics, stop = _epochs(cfg, loop, state, train_loader, val_loader, batches, max_epochs,
+                                    total_steps, run_dir, num_classes)
+    except BaseException:  # out of memory, a second Ctrl-C, a bug: what was logged reaches the disk
+        loop.logger.close()
+        raise
     metrics = _finish(cfg, run_dir, loop, state, metrics, stop)
     if stop is not None:
         raise stop
@@ -159,7 +164,7 @@ def _epochs(cfg: DictConfig, loop: Loop, state: TrainState, train_loader: DataLo
         if state.batch_in_epoch >= batches:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         limit = cfg.trainer.limit_val_batches
-        val = evaluate(loop.objective, val_loader, loop.rt, None if limit is None else int(limit),
+        val = evaluate(loop.evaluator, val_loader, loop.rt, None if limit is None else int(limit),
                        loop.show_progress)
         loop.logger.scalars(val | _throughput(state), state.step)
         improved = val["val/acc"] > state.best_val_acc
@@ -201,7 +206,8 @@ def _restore(ckpt: dict[str, Any], loop: Loop, state: TrainState) -> None:
     loop.criterion.load_state_dict(ckpt["criterion"])
     loop.optimizer.load_state_dict(ckpt["optimizer"])
     loop.scheduler.load_state_dict(ckpt["scheduler"])
-    loop.scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # empty when the checkpoint was made without fp16 loss scaling
+        loop.scaler.load_state_dict(ckpt["scaler"])
     for key, value in ckpt["state"].items():
         setattr(state, key, value)
     if loop.monitor is not None:
