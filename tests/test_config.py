@@ -15,7 +15,7 @@ OPTIONS = [(g, p.name[:-5]) for g in GROUPS for p in sorted(CONF.joinpath(g).ite
            if p.name.endswith(".yaml")]
 
 
-def test_the_issue_groups_exist() -> None:
+def test_the_documented_groups_exist() -> None:
     for group in ("backbone", "head", "adapter", "loss", "data", "optim", "trainer", "grads", "experiment"):
         assert group in GROUPS
 

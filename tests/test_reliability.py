@@ -211,3 +211,55 @@ def test_sigint_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one(t
     assert f"resumed at step {saved['state']['step']}" in resumed.stdout
     _same_metrics(json.loads((run_dir / "metrics.json").read_text()),
                   json.loads((tmp_path / "straight" / "metrics.json").read_text()))
+
+
+HYDRA_LEVEL_MISTAKES = [
+    (["head=capsul"], "head=capsul is not an option of head; choose from capsule, fc."),
+    (["trainer.max_step=5"], "trainer.max_step is not a key of this configuration; did you mean trainer.max_steps?"),
+    (["head.routing.iterations=5"], "head.routing.iterations is not a key of this configuration; it exists "
+                                    "only with head=capsule (add head=capsule to the command line)"),
+    (["trainer.max_steps=1,3"], "trainer.max_steps=1,3 gives several values; add -m to run one job per value, "
+                                "e.g. capsexp train -m trainer.max_steps=1,3"),
+    (["data.image_size=[32"], "'data.image_size=[32' is not a valid override"),
+    (["-m", "backbone.freeze_depth=0,9"], "backbone.freeze_depth=9 is not allowed; it must be an integer from 0 to 5."),
+    (["-m", "head=fc,capsule", "adapter=conv,bad"], "adapter=bad is not an option of adapter; choose from conv, "
+                                                    "linear, none."),
+]
+
+
+@pytest.mark.parametrize("args, message", HYDRA_LEVEL_MISTAKES)
+def test_composition_mistakes_are_one_sentence_before_anything_is_written(args: list[str], message: str,
+                                                                          tmp_path: Path) -> None:
+    proc = run_cli("train", *args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                   cwd=tmp_path, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"capsexp: error: {message}"), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder, no sweep folder, no job
+
+
+def test_refused_rerun_leaves_the_existing_run_record_alone(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "metrics.json").write_text("{}\n")
+    record = run / ".hydra" / "overrides.yaml"
+    record.write_text("- seed=0\n")
+    proc = run_cli("train", "seed=7", f"hydra.run.dir={run}", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr and "Traceback" not in proc.stderr
+    assert record.read_text() == "- seed=0\n" and sorted(p.name for p in run.iterdir()) == [".hydra", "metrics.json"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.min_lr_ratio=-3", "optim.min_lr_ratio=-3 is not allowed; it must be a number in [0, 1]"),
+    ("optim.betas=[2,3]", "optim.betas=[2, 3] is not allowed; it must be a list of two numbers in [0, 1)"),
+    ("grads.alarm.early_stages=stem", "grads.alarm.early_stages='stem' is not allowed; it must be a non-empty list"),
+    ("grads.alarm.early_stages=[layer9]", "grads.alarm.early_stages=['layer9'] is not allowed"),
+    ("grads.alarm.early_stages=[head]", "grads.alarm.early_stages=['head'] is not allowed"),
+    ("data.download=maybe", "data.download='maybe' is not allowed; it must be true or false."),
+])
+def test_more_values_checked_before_training(override: str, message: str) -> None:
+    from capsexp.config import validate
+
+    with pytest.raises(UserError) as caught:
+        validate(make_cfg(override))
+    assert str(caught.value).startswith(message)

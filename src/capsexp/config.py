@@ -46,6 +46,22 @@ def _bool(v: Any) -> bool:
     return isinstance(v, bool)
 
 
+def _unit(v: Any, closed: bool = True) -> bool:
+    """A number in [0, 1] (``closed``) or [0, 1)."""
+    return _nonneg_float(v) and (v <= 1 if closed else v < 1)
+
+
+def _betas(v: Any) -> bool:
+    return OmegaConf.is_list(v) and len(v) == 2 and all(_unit(b, closed=False) for b in v)
+
+
+ALARM_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "adapter")
+
+
+def _stage_list(v: Any) -> bool:
+    return OmegaConf.is_list(v) and len(v) > 0 and all(s in ALARM_STAGES for s in v)
+
+
 COMMON: list[Check] = [
     ("seed", _int(0), "an integer >= 0"),
     ("backbone.freeze_depth", _int(0, 5), "an integer from 0 to 5"),
@@ -57,6 +73,8 @@ COMMON: list[Check] = [
     ("optim.backbone_lr_scale", lambda v: v == "auto" or _nonneg_float(v), "auto or a number >= 0"),
     ("optim.warmup_steps", _int(0), "an integer >= 0"),
     ("optim.scheduler", _choice("cosine", "constant"), "cosine or constant"),
+    ("optim.min_lr_ratio", _unit, "a number in [0, 1] (the final fraction of optim.lr)"),
+    ("data.download", _bool, "true or false"),
     ("trainer.max_epochs", _int(1, optional=True), "a positive integer or null"),
     ("trainer.max_steps", _int(1, optional=True), "a positive integer or null"),
     ("trainer.limit_train_batches", _int(1, optional=True), "a positive integer or null"),
@@ -76,6 +94,8 @@ COMMON: list[Check] = [
     ("grads.figure_every_n_steps", _int(0), "an integer >= 0 (0 = off)"),
     ("grads.alarm.ratio", _positive_float(), "a positive number"),
     ("grads.alarm.patience", _int(1), "a positive integer"),
+    ("grads.alarm.early_stages", _stage_list,
+     f"a non-empty list drawn from {', '.join(ALARM_STAGES)}, e.g. [stem,layer1]"),
     ("loss.reconstruction_weight", _nonneg_float, "a number >= 0"),
 ]
 
@@ -105,6 +125,7 @@ PER_OPTION: dict[str, list[Check]] = {
     "loss.ce": [("loss.scale", lambda v: v == "learned" or _positive_float()(v), "a positive number or learned"),
                 ("loss.label_smoothing", lambda v: _nonneg_float(v) and v < 1, "a number in [0, 1)")],
     "loss.spread": [("loss.m_start", _nonneg_float, "a number >= 0"), ("loss.m_end", _nonneg_float, "a number >= 0")],
+    "optim.adamw": [("optim.betas", _betas, "a list of two numbers in [0, 1), e.g. [0.9,0.999]")],
     "optim.sgd": [("optim.momentum", _nonneg_float, "a number >= 0"), ("optim.nesterov", _bool, "true or false")],
 }
 
@@ -143,5 +164,3 @@ def _cross_field(cfg: DictConfig) -> None:
         raise UserError(f"data.val_fraction={cfg.data.val_fraction!r} is not allowed; it must be in (0, 1).")
     if cfg.loss.name == "margin" and not cfg.loss.m_minus < cfg.loss.m_plus:
         raise UserError(f"loss.m_minus={cfg.loss.m_minus} must be below loss.m_plus={cfg.loss.m_plus}.")
-    if cfg.grads.enabled and "head" in cfg.grads.alarm.early_stages:
-        raise UserError("grads.alarm.early_stages must not contain 'head': the head is the reference.")

@@ -52,12 +52,17 @@ def environment() -> dict[str, str]:
             "hydra": hydra.__version__, "python": sys.version.split()[0]}
 
 
+def refuse_taken_folder(run_dir: Path) -> None:
+    """A folder that already holds a run (metrics or a checkpoint) is never trained into afresh."""
+    if (run_dir / METRICS_FILE).exists() or any((run_dir / "checkpoints").glob("*.pt")):
+        raise UserError(f"the run folder '{run_dir}' already holds a run; capsexp never overwrites one. "
+                        f"Use trainer.resume=auto to continue it, or start a new run.")
+
+
 def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     resume = cfg.trainer.resume
     if resume is None:
-        if (run_dir / METRICS_FILE).exists() or any((run_dir / "checkpoints").glob("*.pt")):
-            raise UserError(f"the run folder '{run_dir}' already holds a run; capsexp never overwrites one. "
-                            f"Use trainer.resume=auto to continue it, or start a new run.")
+        refuse_taken_folder(run_dir)
         return None
     if str(resume) == "auto":
         return newest_checkpoint(run_dir)  # nothing yet: a fresh start (pre-emptible jobs rerun as is)
