@@ -62,6 +62,7 @@ def test_input_capsules_grow_with_the_feature_map_area() -> None:
 
 def test_rows_select_by_name_and_bad_values_are_one_sentence() -> None:
     assert [r.name for r in plan(make_cfg("bench.rows=[fc-grads-off,fc]"))] == ["fc-grads-off", "fc"]
+    assert [r.name for r in plan(make_cfg("bench.rows=capsule-conv-r3"))] == ["capsule-conv-r3"]  # one name
     assert [r.name for r in plan(make_cfg("bench.diagnostics=false", "bench.adapters=[conv]",
                                           "bench.routing_iterations=[3]"))] == ["fc", "capsule-conv-r3"]
     with pytest.raises(UserError, match="bench.rows names 'fc-fast'"):

@@ -106,3 +106,55 @@ def test_frozen_backbone_trains_only_adapter_and_head(tmp_path: Path) -> None:
     tags = scalar_tags(tmp_path)
     assert not any(t.startswith(("grad_norm/layer", "grad_norm/stem")) for t in tags)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def _noise_folder(root: Path, classes: int = 2, per_class: int = 20) -> Path:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(40, 40, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_mid_epoch_resume_with_random_augmentation_repeats_the_same_steps(tmp_path: Path) -> None:
+    """Random crops and flips (image folders train with them), a stop inside an epoch, loader
+    workers only after the resume: the resumed steps are the uninterrupted run's steps."""
+    root = _noise_folder(tmp_path / "images")
+    args = ("data=imagefolder", f"data.root={root}", "data.image_size=32", "data.batch_size=8",
+            "data.val_fraction=0.2", "trainer.max_epochs=2", "optim.scheduler=constant",
+            "optim.warmup_steps=0", "trainer.log_every_n_steps=1", "trainer.progress=false",
+            "grads.log_every_n_steps=1", "grads.figure_every_n_steps=0")
+    straight = tmp_path / "straight"
+    train(make_cfg(*args, "trainer.max_steps=7", "data.num_workers=0", tiny=False), run_dir=straight)
+    first = tmp_path / "first"
+    train(make_cfg(*args, "trainer.max_steps=2", "data.num_workers=0", tiny=False), run_dir=first)
+    assert load_checkpoint(first / "checkpoints" / "last.pt")["state"]["batch_in_epoch"] == 2  # of 4
+    resumed = tmp_path / "resumed"
+    train(make_cfg(*args, "trainer.max_steps=7", "data.num_workers=2",
+                   f"trainer.resume={first / 'checkpoints' / 'last.pt'}", tiny=False), run_dir=resumed)
+    tags, reference = scalar_tags(resumed), scalar_tags(straight)
+    assert [s for s, _ in tags["train/loss"]] == [3, 4, 5, 6, 7]
+    assert [v for _, v in tags["train/loss"]] == pytest.approx([v for _, v in reference["train/loss"][2:]],
+                                                               rel=1e-5)
+    assert [v for _, v in tags["grad_norm/layer1"]] == pytest.approx(
+        [v for _, v in reference["grad_norm/layer1"][2:]], rel=1e-4)
+
+
+def test_a_run_shorter_than_its_warmup_writes_strict_json_and_says_what_is_missing(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train(make_cfg("trainer.max_steps=2", "trainer.warmup_steps_excluded=5", "grads.log_every_n_steps=10",
+                   "trainer.resume=auto"), run_dir=tmp_path)
+    out = capsys.readouterr().out
+
+    def strict(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=strict)
+    assert metrics["images_per_sec"] is None and metrics["steps"] == 2
+    assert f"trainer.resume=auto found no checkpoint in {tmp_path}; starting at step 0." in out
+    assert "images/s not measured (trainer.warmup_steps_excluded=5 steps are untimed)" in out
+    assert "no gradient statistics were logged: the run ended before step grads.log_every_n_steps=10." in out

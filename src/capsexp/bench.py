@@ -75,11 +75,12 @@ def plan(cfg: DictConfig) -> list[Row]:
             rows.append(Row(f"{caps}-grads-{grads}", "capsule", "conv", caps_iters, grads, caps))
     if b.rows is not None:
         known = {r.name: r for r in rows}
-        unknown = [n for n in b.rows if n not in known]
+        names = [b.rows] if isinstance(b.rows, str) else list(b.rows)  # bench.rows=fc: one row
+        unknown = [n for n in names if n not in known]
         if unknown:
             raise UserError(f"bench.rows names '{unknown[0]}', which is not a row of this bench; "
                             f"choose from {', '.join(known)}.")
-        rows = [known[n] for n in b.rows]
+        rows = [known[n] for n in names]
     return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -136,6 +137,8 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     if ckpt is not None:
         _restore(ckpt, loop, state)
     if rt.is_main:
+        if ckpt is None and str(cfg.trainer.resume) == "auto":
+            print(f"capsexp: trainer.resume=auto found no checkpoint in {run_dir}; starting at step 0.", flush=True)
         _announce(cfg, run_dir, loop, ckpt is not None, state)
     try:
         with loop.guard:
@@ -264,9 +267,11 @@ def _finish(cfg: DictConfig, run_dir: Path, loop: Loop, state: TrainState, val: 
     loop.logger.hparams(hparams, numeric, state.step)
     loop.logger.close()
     tmp = run_dir / f".{METRICS_FILE}.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
+    # strict JSON: a value never measured (throughput of a run shorter than its warm-up) is null
+    on_disk = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+    tmp.write_text(json.dumps(on_disk, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, run_dir / METRICS_FILE)
-    _print_summary(metrics, grads)
+    _print_summary(cfg, metrics, grads)
     return metrics
 
 
@@ -279,11 +284,16 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def _print_summary(metrics: dict[str, Any], grads: dict[str, float]) -> None:
+def _print_summary(cfg: DictConfig, metrics: dict[str, Any], grads: dict[str, float]) -> None:
+    speed = metrics["images_per_sec"]
+    speed = f"{speed:.1f} images/s" if math.isfinite(speed) else \
+        f"images/s not measured (trainer.warmup_steps_excluded={cfg.trainer.warmup_steps_excluded} steps are untimed)"
     print(f"capsexp: {metrics['status']} after {metrics['steps']} steps: val/acc {metrics['val/acc']:.4f} "
-          f"(best {metrics['best/val/acc']:.4f}), val/loss {metrics['val/loss']:.4f}, "
-          f"{metrics['images_per_sec']:.1f} images/s", flush=True)
+          f"(best {metrics['best/val/acc']:.4f}), val/loss {metrics['val/loss']:.4f}, {speed}", flush=True)
     if not grads:
+        if cfg.grads.enabled:
+            print(f"no gradient statistics were logged: the run ended before step "
+                  f"grads.log_every_n_steps={cfg.grads.log_every_n_steps}.", flush=True)
         return
     head = grads.get("grad_norm/head")
     print("median gradient norm per stage over the run:")
