@@ -101,3 +101,52 @@ def test_two_processes_train_like_one_with_twice_the_batch(head: str, tmp_path: 
     assert ddp_weights.keys() == single_weights.keys()
     for key, value in single_weights.items():
         assert torch.allclose(ddp_weights[key], value, rtol=1e-5, atol=1e-6), key
+
+
+def _worker_of_rank(launcher_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process with ``RANK=rank`` (read from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker processes through /proc")
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    overrides = [*TINY, *COMMON, *CASES["fc"], "trainer.max_steps=10000", "trainer.max_epochs=1000",
+                 f"data.batch_size={BATCH}", f"hydra.run.dir={run}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "capsexp", "train", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "last.pt").exists():  # the first epoch is done
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        worker = _worker_of_rank(proc.pid, 1)
+        assert worker is not None
+        os.kill(worker, signal.SIGTERM)  # rank 1 only, as when signals reach the processes one by one
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # torchrun starts each worker in a session of its own
+            workers = [_worker_of_rank(proc.pid, rank) for rank in (0, 1)]
+            for pid in [w for w in workers if w is not None] + [proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+            proc.wait()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted", err[-3000:]
+    assert f"interrupted at step {metrics['steps']}; checkpoint saved" in err
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == metrics["steps"]

@@ -37,9 +37,10 @@ ADAPTERS = ("none", "conv", "linear")
 CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
 DEFAULT_LOSS = {"fc": "ce", "capsule": "margin"}  # what composing head=<name> selects
 MEMORY_NOTE = {
-    "cuda": "torch.cuda.max_memory_allocated over the row (peak statistics reset before the model is built)",
-    "cpu": "growth of the process's peak resident set size over the row (Linux VmHWM, reset through "
-           "/proc/self/clear_refs, minus the resident size before the model is built)",
+    "cuda": "torch.cuda.max_memory_allocated during the timed steps (peak reset after warm-up; model, "
+            "optimizer state and activations, not cuDNN's algorithm search)",
+    "cpu": "peak resident set size during the timed steps (Linux VmHWM, reset after warm-up through "
+           "/proc/self/clear_refs) minus the resident size before the model was built",
 }
 
 

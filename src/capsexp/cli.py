@@ -380,7 +380,11 @@ def main() -> None:
         sys.exit(0 if argv else 2)
     command = argv[0]
     if command == "report":
-        report_main(argv[1:])
+        try:
+            report_main(argv[1:])
+            sys.stdout.flush()
+        except BrokenPipeError:  # `capsexp report ... | head`: the reader left; no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     if command not in COMMANDS:
         if command.startswith("-") or "=" in command:

@@ -340,13 +340,14 @@ def main(argv: list[str]) -> None:
     if not runs:
         raise UserError(f"no runs below '{root}': a run folder holds tb/ or metrics.json.")
     keys, rows = build_rows(runs)
-    print(format_table(rows))
-    for row in (r for r in rows if r["alarm"]):
-        print(f"  ! {row['run']}: {row['alarm']}")
-    try:
+    try:  # the files first: `capsexp report ... | head` may close the terminal side early
         (root / "report.md").write_text(format_markdown(rows, root))
         write_csv(rows, keys, root / "report.csv")
         plot(runs, rows, root / "report.png")
     except OSError as exc:
         raise UserError(f"could not write the report into '{root}': {exc.strerror or exc}.") from None
-    print(f"capsexp: {len(runs)} runs; wrote report.md, report.csv and report.png to {root}")
+    print(format_table(rows))
+    for row in (r for r in rows if r["alarm"]):
+        print(f"  ! {row['run']}: {row['alarm']}")
+    print(f"capsexp: {len(runs)} run{'s' if len(runs) != 1 else ''}; wrote report.md, report.csv and "
+          f"report.png to {root}")

@@ -180,6 +180,12 @@ def all_reduce_max(value: Tensor, rt: Runtime) -> Tensor:
     return value
 
 
+def barrier(rt: Runtime) -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if rt.distributed:
+        dist.barrier()
+
+
 def teardown(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -26,7 +26,7 @@ from capsexp.logger import RunLogger
 from capsexp.losses import build_loss
 from capsexp.models import build_model
 from capsexp.optim import build_optimizer, build_scheduler, param_groups
-from capsexp.runtime import Runtime, prepare_model, setup_runtime, teardown
+from capsexp.runtime import Runtime, barrier, prepare_model, setup_runtime, teardown
 
 METRICS_FILE = "metrics.json"
 
@@ -166,6 +166,9 @@ def _epochs(cfg: DictConfig, loop: Loop, state: TrainState, train_loader: DataLo
             return val, exc
         if loop.guard.received is not None:
             path = _save(loop, state, cfg, run_dir, num_classes, "last.pt")
+            # every rank stopped after this same step; none exits (and makes torchrun end the
+            # others) before rank 0 has written the checkpoint
+            barrier(loop.rt)
             return val, StopTraining(
                 f"interrupted at step {state.step}; checkpoint saved to {path}. Continue with "
                 f"trainer.resume={path} (or trainer.resume=auto in the same run folder).", exit_code=130)
