@@ -263,3 +263,18 @@ def test_more_values_checked_before_training(override: str, message: str) -> Non
     with pytest.raises(UserError) as caught:
         validate(make_cfg(override))
     assert str(caught.value).startswith(message)
+
+
+def test_flags_may_follow_overrides_and_conflicting_modes_are_one_sentence(tmp_path: Path) -> None:
+    from capsexp.cli import hydra_argv
+
+    assert hydra_argv(["head=capsule", "-m", "head.routing.iterations=1,3", "--info", "defaults", "seed=1"]) == \
+        ["-m", "--info", "defaults", "head=capsule", "head.routing.iterations=1,3", "seed=1"]
+    assert hydra_argv(["-cn", "other", "--cfg", "job", "a=1"]) == ["-cn", "other", "--cfg", "job", "a=1"]
+    shown = run_cli("train", "head=capsule", "--cfg", "job", cwd=tmp_path, timeout=120)
+    assert shown.returncode == 0 and "name: capsule" in shown.stdout
+    both = run_cli("train", "-m", "head=fc,capsule", "--cfg", "job", cwd=tmp_path, timeout=120)
+    assert both.returncode == 2 and both.stderr.strip() == (
+        "capsexp: error: --cfg and -m cannot be combined; Hydra runs one of -m, --cfg, --info, --run and "
+        "--shell-completion per command.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

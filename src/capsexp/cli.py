@@ -191,23 +191,41 @@ def _distributed_overrides(args: list[str]) -> list[str]:
 _NO_CHECK_FLAGS = frozenset({"-h", "--help", "--hydra-help", "--version", "-sc", "--shell-completion", "-i",
                              "--info", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
                              "--experimental-rerun"})
-_FLAGS_WITH_VALUE = frozenset({"-c", "--cfg", "-p", "--package"})
+_FLAGS_WITH_VALUE = frozenset({"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+                               "-cd", "--config-dir", "--experimental-rerun"})
+_INFO_VALUES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
+# Hydra runs one of these modes per command
+_MODES = {"-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
+          "-sc": "--shell-completion", "--shell-completion": "--shell-completion", "-r": "--run", "--run": "--run"}
 MAX_PRECHECKS = 64  # compositions tried for one sweep before the jobs are left to check themselves
 
 
-def _split_arguments(args: Sequence[str]) -> tuple[set[str], list[str]]:
-    """Hydra's flags and the overrides among the arguments (a flag's value is neither)."""
-    flags: set[str] = set()
+def _split_arguments(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (with their values, in order) and the overrides among the arguments."""
+    flags: list[str] = []
     overrides: list[str] = []
-    items = iter(args)
-    for item in items:
-        if item.startswith("-"):
-            flags.add(item.split("=", 1)[0])
-            if item in _FLAGS_WITH_VALUE:
-                next(items, None)
-        else:
+    items = list(args)
+    index = 0
+    while index < len(items):
+        item = items[index]
+        index += 1
+        if not item.startswith("-"):
             overrides.append(item)
+            continue
+        flags.append(item)
+        takes_value = item in _FLAGS_WITH_VALUE or (
+            item in ("-i", "--info") and index < len(items) and items[index] in _INFO_VALUES)
+        if takes_value and index < len(items):
+            flags.append(items[index])
+            index += 1
     return flags, overrides
+
+
+def hydra_argv(args: Sequence[str]) -> list[str]:
+    """Flags first, then overrides: Hydra's parser rejects a flag between overrides
+    (``capsexp train head=capsule -m head.routing.iterations=1,3`` would otherwise fail)."""
+    flags, overrides = _split_arguments(args)
+    return [*flags, *overrides]
 
 
 def _group_options(group: str) -> list[str]:
@@ -322,7 +340,12 @@ def precheck(command: str, args: Sequence[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    flags, items = _split_arguments(args)
+    flag_tokens, items = _split_arguments(args)
+    flags = {f.split("=", 1)[0] for f in flag_tokens if f.startswith("-")}
+    modes = sorted({_MODES[f] for f in flags if f in _MODES})
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} cannot be combined; Hydra runs one of -m, --cfg, --info, "
+                        f"--run and --shell-completion per command.")
     if flags & _NO_CHECK_FLAGS:
         return
     parser = OverridesParser.create()
@@ -398,7 +421,8 @@ def main() -> None:
     except UserError as exc:
         _fail_plain(str(exc))
     os.environ[COMMAND_LINE_ENV] = json.dumps(argv[1:])  # read back by capsexp_sweep_subdir
-    sys.argv = [sys.argv[0], *argv[1:], *_distributed_overrides(argv[1:])]  # Hydra parses sys.argv itself
+    # Hydra parses sys.argv itself
+    sys.argv = [sys.argv[0], *hydra_argv(argv[1:]), *_distributed_overrides(argv[1:])]
     COMMANDS[command]()
 
 
