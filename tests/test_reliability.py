@@ -217,13 +217,19 @@ HYDRA_LEVEL_MISTAKES = [
     (["head=capsul"], "head=capsul is not an option of head; choose from capsule, fc."),
     (["trainer.max_step=5"], "trainer.max_step is not a key of this configuration; did you mean trainer.max_steps?"),
     (["head.routing.iterations=5"], "head.routing.iterations is not a key of this configuration; it exists "
-                                    "only with head=capsule (add head=capsule to the command line)"),
+                                    "only with head=capsule"),
     (["trainer.max_steps=1,3"], "trainer.max_steps=1,3 gives several values; add -m to run one job per value, "
                                 "e.g. capsexp train -m trainer.max_steps=1,3"),
     (["data.image_size=[32"], "'data.image_size=[32' is not a valid override"),
-    (["-m", "backbone.freeze_depth=0,9"], "backbone.freeze_depth=9 is not allowed; it must be an integer from 0 to 5."),
-    (["-m", "head=fc,capsule", "adapter=conv,bad"], "adapter=bad is not an option of adapter; choose from conv, "
-                                                    "linear, none."),
+    (["-m", "backbone.freeze_depth=0,9"], "in the job with backbone.freeze_depth=9: backbone.freeze_depth=9 is "
+                                          "not allowed; it must be an integer from 0 to 5."),
+    (["-m", "head=fc,capsule", "adapter=conv,bad"], "in the job with head=fc, adapter=bad: adapter=bad is not an "
+                                                    "option of adapter; choose from conv, linear, none."),
+    (["-m", "head=glob(cap*)", "head.routing.iterations=0"], "in the job with head=capsule: "
+                                                             "head.routing.iterations=0 is not allowed"),
+    (["hydra.mode=MULTIRUN", "head=fc,capsule", "head.routing.iterations=3"],
+     "in the job with head=fc: head.routing.iterations is not a key of this configuration; it exists only with "
+     "head=capsule"),
 ]
 
 
@@ -266,7 +272,7 @@ def test_more_values_checked_before_training(override: str, message: str) -> Non
 
 
 def test_flags_may_follow_overrides_and_conflicting_modes_are_one_sentence(tmp_path: Path) -> None:
-    from capsexp.cli import hydra_argv
+    from capsexp.commandline import hydra_argv
 
     assert hydra_argv(["head=capsule", "-m", "head.routing.iterations=1,3", "--info", "defaults", "seed=1"]) == \
         ["-m", "--info", "defaults", "head=capsule", "head.routing.iterations=1,3", "seed=1"]
@@ -278,3 +284,16 @@ def test_flags_may_follow_overrides_and_conflicting_modes_are_one_sentence(tmp_p
         "capsexp: error: --cfg and -m cannot be combined; Hydra runs one of -m, --cfg, --info, --run and "
         "--shell-completion per command.")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["data=imagefolder", "data.root=${hydra:runtime.cwd}/images"],  # resolved inside the job only
+    ["seed=${oc.env:CAPSEXP_TEST_UNSET_VARIABLE}"],  # set by a launcher inside the job
+    ["head=capsule", "--info"],
+])
+def test_what_only_the_job_can_resolve_is_not_refused(args: list[str], tmp_path: Path) -> None:
+    from capsexp.commandline import hydra_argv, precheck
+
+    precheck("train", args)  # no UserError
+    if "--info" in args:
+        assert hydra_argv(args) == ["--info", "all", "head=capsule"]

@@ -17,7 +17,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from capsexp.errors import UserError
+from capsexp.commandline import hydra_argv, is_hydra_key, precheck
+from capsexp.errors import UserError, user_error_in
 
 # The command line travels to every job through the environment: joblib workers and Slurm jobs
 # (sbatch exports the environment) resolve the folder name in their own process, where sys.argv
@@ -46,13 +47,6 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     _fail_plain(message, code)
 
 
-def _user_error_in(exc: BaseException) -> UserError | None:
-    """The UserError a resolver raised, which OmegaConf wraps (twice) as the exception's context."""
-    while exc is not None and not isinstance(exc, UserError):
-        exc = exc.__cause__ or exc.__context__
-    return exc
-
-
 def _guarded(work: Callable[[], object]) -> object:
     from capsexp.data import DataError
     from capsexp.engine import StopTraining
@@ -62,7 +56,7 @@ def _guarded(work: Callable[[], object]) -> object:
     except (UserError, DataError) as exc:
         _fail(str(exc))
     except InterpolationResolutionError as exc:  # e.g. a preset's required value (capsexp_required)
-        cause = _user_error_in(exc)
+        cause = user_error_in(exc)
         if cause is None:
             raise
         _fail(str(cause))
@@ -107,10 +101,6 @@ def _parse_overrides(items: Iterable[str]) -> list[Any]:
     return parsed
 
 
-def _is_hydra_key(key: str) -> bool:
-    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
-
-
 def swept_keys(command_line: Sequence[str], sweeper_params: Mapping[str, Any] | None) -> list[str]:
     """The keys that vary between the jobs of a sweep, sorted (so the order typed does not matter).
 
@@ -119,7 +109,7 @@ def swept_keys(command_line: Sequence[str], sweeper_params: Mapping[str, Any] | 
     (the command line wins in Hydra's sweeper).
     """
     given = {o.key_or_group: o.is_sweep_override() for o in _parse_overrides(command_line)
-             if not _is_hydra_key(o.key_or_group)}
+             if not is_hydra_key(o.key_or_group)}
     keys = {key for key, sweep in given.items() if sweep}
     params = _parse_overrides(f"{k}={v}" for k, v in (sweeper_params or {}).items())
     keys |= {o.key_or_group for o in params if o.is_sweep_override() and o.key_or_group not in given}
@@ -185,209 +175,6 @@ def _distributed_overrides(args: list[str]) -> list[str]:
     if int(os.environ.get("RANK", "0")) == 0:
         return []
     return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-
-
-# Hydra flags after which no override check is wanted (help, completion, another config tree)
-_NO_CHECK_FLAGS = frozenset({"-h", "--help", "--hydra-help", "--version", "-sc", "--shell-completion", "-i",
-                             "--info", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
-                             "--experimental-rerun"})
-_FLAGS_WITH_VALUE = frozenset({"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
-                               "-cd", "--config-dir", "--experimental-rerun"})
-_INFO_VALUES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
-# Hydra runs one of these modes per command
-_MODES = {"-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
-          "-sc": "--shell-completion", "--shell-completion": "--shell-completion", "-r": "--run", "--run": "--run"}
-MAX_PRECHECKS = 64  # compositions tried for one sweep before the jobs are left to check themselves
-
-
-def _split_arguments(args: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Hydra's flags (with their values, in order) and the overrides among the arguments."""
-    flags: list[str] = []
-    overrides: list[str] = []
-    items = list(args)
-    index = 0
-    while index < len(items):
-        item = items[index]
-        index += 1
-        if not item.startswith("-"):
-            overrides.append(item)
-            continue
-        flags.append(item)
-        takes_value = item in _FLAGS_WITH_VALUE or (
-            item in ("-i", "--info") and index < len(items) and items[index] in _INFO_VALUES)
-        if takes_value and index < len(items):
-            flags.append(items[index])
-            index += 1
-    return flags, overrides
-
-
-def hydra_argv(args: Sequence[str]) -> list[str]:
-    """Flags first, then overrides: Hydra's parser rejects a flag between overrides
-    (``capsexp train head=capsule -m head.routing.iterations=1,3`` would otherwise fail)."""
-    flags, overrides = _split_arguments(args)
-    return [*flags, *overrides]
-
-
-def _group_options(group: str) -> list[str]:
-    from importlib import resources
-
-    folder = resources.files("capsexp.conf").joinpath(group)
-    if not folder.is_dir():
-        return []
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def _key_hint(key: str, cfg: DictConfig | None) -> str:
-    """Where an unknown key lives: another option of its group, or a near spelling."""
-    import difflib
-
-    group, _, rest = key.partition(".")
-    def defines(option: str) -> bool:  # a group file is either in its package or global (# @package _global_)
-        conf = OmegaConf.load(str(_conf_file(group, option)))
-        return any(OmegaConf.select(conf, path, default=None) is not None for path in (rest, key) if path)
-
-    owners = [option for option in _group_options(group) if rest and defines(option)]
-    if owners:
-        options = " or ".join(f"{group}={o}" for o in owners)
-        return f"; it exists only with {options} (add {group}={owners[0]} to the command line)"
-    keys = _dotted_keys(cfg) if cfg is not None else []
-    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
-    return f"; did you mean {close[0]}?" if close else f" (to add a new key, write +{key}=...)"
-
-
-def _conf_file(group: str, option: str) -> Any:
-    from importlib import resources
-
-    return resources.files("capsexp.conf").joinpath(group, f"{option}.yaml")
-
-
-def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
-    if not isinstance(cfg, DictConfig):
-        return [prefix[:-1]] if prefix else []
-    out: list[str] = []
-    for key in cfg.keys():
-        out += _dotted_keys(cfg._get_node(key), f"{prefix}{key}.")
-    return out
-
-
-def _compose(overrides: list[str]) -> DictConfig:
-    """The config ``overrides`` make, or UserError with one sentence for what Hydra cannot compose."""
-    from hydra import compose, initialize_config_module
-    from hydra.errors import ConfigCompositionException, MissingConfigException
-
-    try:
-        with initialize_config_module(config_module="capsexp.conf", version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except MissingConfigException as exc:
-        missing = str(getattr(exc, "missing_cfg_file", "") or "")
-        group, _, option = missing.rpartition("/")
-        if group and _group_options(group):
-            raise UserError(f"{group}={option} is not an option of {group}; choose from "
-                            f"{', '.join(_group_options(group))}.") from None
-        raise UserError(str(exc).splitlines()[0]) from None
-    except ConfigCompositionException as exc:
-        text = str(exc)
-        found = re.search(r"Could not override '([^']+)'", text)
-        if found and "No match in the defaults list" in text:
-            raise UserError(f"{found.group(1)} is not a config group; the groups are "
-                            f"{', '.join(_config_groups())}.") from None
-        if found:
-            key = found.group(1)
-            raise UserError(f"{key} is not a key of this configuration{_key_hint(key, _safe_base(overrides, key))}"
-                            ) from None
-        raise UserError(text.splitlines()[0]) from None
-
-
-def _config_groups() -> list[str]:
-    from importlib import resources
-
-    root = resources.files("capsexp.conf")
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "hydra")))
-
-
-def _safe_base(overrides: list[str], bad_key: str) -> DictConfig | None:
-    """The config without the override that failed, for spelling suggestions (None if even that fails)."""
-    rest = [o for o in overrides if not o.lstrip("+~").startswith(bad_key + "=")]
-    try:
-        return _compose(rest)
-    except UserError:
-        return None
-
-
-def _check_config(cfg: DictConfig) -> None:
-    from omegaconf.errors import InterpolationResolutionError
-
-    from capsexp.config import validate
-
-    try:
-        validate(cfg)
-    except InterpolationResolutionError as exc:  # a preset's required value (capsexp_required)
-        cause = _user_error_in(exc)
-        if cause is None:
-            raise
-        raise cause from None
-
-
-def precheck(command: str, args: Sequence[str]) -> None:
-    """Compose and validate what the command line asks for before Hydra starts a job.
-
-    Hydra reports an unknown key or option with its own multi-line message after creating the
-    run folder; checked here, every mistake is one sentence with exit code 2 and nothing is
-    written. Under ``-m`` every swept value is composed and validated (with the other keys at
-    their first value), so a bad value fails the sweep before its first job runs. A run folder
-    that already holds a run is refused here, before Hydra rewrites its ``.hydra/`` record.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    flag_tokens, items = _split_arguments(args)
-    flags = {f.split("=", 1)[0] for f in flag_tokens if f.startswith("-")}
-    modes = sorted({_MODES[f] for f in flags if f in _MODES})
-    if len(modes) > 1:
-        raise UserError(f"{' and '.join(modes)} cannot be combined; Hydra runs one of -m, --cfg, --info, "
-                        f"--run and --shell-completion per command.")
-    if flags & _NO_CHECK_FLAGS:
-        return
-    parser = OverridesParser.create()
-    parsed = []
-    for item in items:
-        try:
-            parsed.append(parser.parse_override(item))
-        except HydraException as exc:  # the grammar's errors are raised as HydraException
-            raise UserError(f"'{item}' is not a valid override ({str(exc).splitlines()[0].rstrip('.')}); "
-                            f"write key=value, e.g. head=capsule or data.image_size=64.") from None
-    plain = [o for o in parsed if not _is_hydra_key(o.key_or_group)]
-    sweeps = [o for o in plain if o.is_sweep_override()]
-    multirun = bool(flags & {"-m", "--multirun"})
-    if sweeps and not multirun:
-        raise UserError(f"{sweeps[0].input_line} gives several values; add -m to run one job per value, "
-                        f"e.g. capsexp {command} -m {sweeps[0].input_line}")
-    fixed = [o.input_line for o in plain if not o.is_sweep_override()]
-    choices = []
-    for sweep in sweeps:
-        try:
-            values = list(sweep.sweep_string_iterator())
-        except Exception:  # noqa: BLE001 -- glob() and interval() have no list of values to try
-            continue
-        choices.append([f"{sweep.get_key_element()}={v}" for v in values])
-    first = [values[0] for values in choices]
-    candidates = [fixed + first]
-    for k, values in enumerate(choices):
-        candidates += [fixed + first[:k] + [v] + first[k + 1:] for v in values[1:]]
-    for overrides in candidates[:MAX_PRECHECKS]:
-        _check_config(_compose(overrides))
-    if command == "train" and not multirun and not flags & {"-c", "--cfg"}:  # --cfg only prints
-        _check_run_folder(parsed, _compose(candidates[0]))
-
-
-def _check_run_folder(parsed: list[Any], cfg: DictConfig) -> None:
-    from pathlib import Path
-
-    from capsexp.train import refuse_taken_folder
-
-    given = [o.value() for o in parsed if o.key_or_group == "hydra.run.dir"]
-    if given and isinstance(given[-1], str) and "${" not in given[-1] and cfg.trainer.resume is None:
-        refuse_taken_folder(Path(given[-1]))
 
 
 def _fail_plain(message: str, code: int = 2) -> NoReturn:

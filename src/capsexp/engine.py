@@ -159,6 +159,9 @@ class Loop:
     show_progress: bool
     criterion: nn.Module | None = None
     params: list[nn.Parameter] = field(default_factory=list)
+    # set when every rank has agreed (in the per-step check) to stop after this step; the loop
+    # acts on this, never on its own signal flag, so all ranks leave after the same step
+    stop: bool = False
 
     def __post_init__(self) -> None:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -193,8 +196,7 @@ def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -
         loop.monitor.after_backward(state.step + 1, loop.model, images, targets)
     total_norm = _grad_total_norm(loop.params, rt.device)
     loss_bad, grad_bad, stop = _step_flags(loop, loss, total_norm)
-    if stop:  # a signal reached some rank: every rank ends after this same step
-        loop.guard.received = loop.guard.received or signal.SIGTERM
+    loop.stop = stop  # a signal reached some rank: every rank ends after this same step
     if grad_bad and not loss_bad and loop.scaler.is_enabled():
         # fp16 overflow: the scaler's business. No update, no schedule step, a smaller scale
         loop.optimizer.zero_grad(set_to_none=True)
@@ -287,7 +289,7 @@ def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int,
         if state.step % cfg.log_every_n_steps == 0:
             _log_train(loop, sums, state, bar)
             sums.zero_()
-        if loop.guard.received is not None:
+        if loop.stop:
             break
     if tick is not None:
         rt.synchronize()
@@ -295,7 +297,7 @@ def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int,
         state.timed_images += tick_images * rt.world_size
     # kept in the state so a checkpoint taken now resumes the same logging window
     state.window = sums.tolist()
-    if loop.guard.received is None and state.window[2] > 0:
+    if not loop.stop and state.window[2] > 0:
         _log_train(loop, sums, state, bar)
         state.window = [0.0, 0.0, 0.0]
     return {"train/loss": state.last_train_loss}

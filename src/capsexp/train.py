@@ -164,7 +164,7 @@ def _epochs(cfg: DictConfig, loop: Loop, state: TrainState, train_loader: DataLo
             train_one_epoch(loop, train_loader, state, batches, total_steps)
         except StopTraining as exc:  # weights may be poisoned: keep the last good checkpoint as it is
             return val, exc
-        if loop.guard.received is not None:
+        if loop.stop:
             path = _save(loop, state, cfg, run_dir, num_classes, "last.pt")
             # every rank stopped after this same step; none exits (and makes torchrun end the
             # others) before rank 0 has written the checkpoint

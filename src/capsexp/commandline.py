@@ -1,0 +1,242 @@
+"""The command line checked before Hydra starts a job.
+
+Hydra reports an unknown key or group option with a multi-line message (its config search path
+included) after it has created the run folder, and a bad value in a sweep only when that job runs.
+``precheck`` composes what the command line asks for with Hydra's compose API and validates it
+first, so every such mistake is one sentence with exit code 2 and nothing is written. Whatever it
+cannot judge here (a custom search path, a value only known inside the job, a glob sweep) it leaves
+to Hydra and the run itself: a valid command line must never be refused.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from capsexp.errors import UserError, user_error_in
+
+# Hydra's command-line flags: those that take a value, and those after which nothing is checked
+# (help, shell completion, another config tree)
+FLAGS_WITH_VALUE = frozenset({"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+                              "-cd", "--config-dir", "--experimental-rerun"})
+NO_CHECK_FLAGS = frozenset({"-h", "--help", "--hydra-help", "--version", "-sc", "--shell-completion", "-i",
+                            "--info", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+                            "--experimental-rerun"})
+KNOWN_FLAGS = FLAGS_WITH_VALUE | NO_CHECK_FLAGS | {"-m", "--multirun", "-r", "--run", "--resolve"}
+INFO_VALUES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
+# Hydra runs one of these modes per command
+MODES = {"-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
+         "-sc": "--shell-completion", "--shell-completion": "--shell-completion", "-r": "--run", "--run": "--run"}
+MAX_COMPOSITIONS = 32  # jobs of one sweep composed here; the rest check themselves when they run
+
+
+def is_hydra_key(key: str) -> bool:
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+def split_arguments(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (with their values, in order) and the overrides among the arguments.
+
+    A bare ``--info`` gets its default value ``all`` spelled out, so that it may move in front of
+    the overrides without taking one of them as its value.
+    """
+    flags: list[str] = []
+    overrides: list[str] = []
+    index = 0
+    while index < len(args):
+        item = args[index]
+        index += 1
+        if not item.startswith("-"):
+            overrides.append(item)
+            continue
+        flags.append(item)
+        if item in ("-i", "--info"):
+            if index < len(args) and args[index] in INFO_VALUES:
+                flags.append(args[index])
+                index += 1
+            else:
+                flags.append("all")
+        elif item in FLAGS_WITH_VALUE and index < len(args):
+            flags.append(args[index])
+            index += 1
+    return flags, overrides
+
+
+def hydra_argv(args: Sequence[str]) -> list[str]:
+    """Flags first, then overrides: Hydra's parser rejects a flag between overrides
+    (``capsexp train head=capsule -m head.routing.iterations=1,3`` would otherwise fail)."""
+    flags, overrides = split_arguments(args)
+    return [*flags, *overrides]
+
+
+def _conf() -> Any:
+    return resources.files("capsexp.conf")
+
+
+def group_options(group: str) -> list[str]:
+    folder = _conf().joinpath(group)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _config_groups() -> list[str]:
+    return sorted(p.name for p in _conf().iterdir() if p.is_dir() and not p.name.startswith(("_", "hydra")))
+
+
+def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
+    if not isinstance(cfg, DictConfig):
+        return [prefix[:-1]] if prefix else []
+    out: list[str] = []
+    for key in cfg.keys():
+        out += _dotted_keys(cfg._get_node(key), f"{prefix}{key}.")
+    return out
+
+
+def _key_hint(key: str, overrides: list[str]) -> str:
+    """Where an unknown key lives: another option of its group, or a near spelling."""
+    group, _, rest = key.partition(".")
+
+    def defines(option: str) -> bool:  # a group file is either in its package or global (# @package _global_)
+        conf = OmegaConf.load(str(_conf().joinpath(group, f"{option}.yaml")))
+        return any(OmegaConf.select(conf, path, default=None) is not None for path in (rest, key) if path)
+
+    owners = [option for option in group_options(group) if rest and defines(option)]
+    if owners:
+        options = " or ".join(f"{group}={o}" for o in owners)
+        return f"; it exists only with {options}"
+    try:  # the config without the failing override, for spelling suggestions
+        keys = _dotted_keys(_compose([o for o in overrides if not o.lstrip("+~").startswith(key + "=")]))
+    except UserError:
+        keys = []
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else f" (to add a new key, write +{key}=...)"
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    """The config ``overrides`` make (inside an initialised Hydra), or UserError with one sentence."""
+    from hydra import compose
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    try:
+        return compose(config_name="config", overrides=overrides)
+    except MissingConfigException as exc:
+        missing = str(getattr(exc, "missing_cfg_file", "") or "")
+        group, _, option = missing.rpartition("/")
+        if group and group_options(group):
+            raise UserError(f"{group}={option} is not an option of {group}; choose from "
+                            f"{', '.join(group_options(group))}.") from None
+        raise UserError(str(exc).splitlines()[0]) from None
+    except ConfigCompositionException as exc:
+        text = str(exc)
+        found = re.search(r"Could not override '([^']+)'", text)
+        if found and found.group(1) and "No match in the defaults list" in text:
+            raise UserError(f"{found.group(1)} is not a config group; the groups are "
+                            f"{', '.join(_config_groups())}.") from None
+        if found and found.group(1):
+            key = found.group(1)
+            raise UserError(f"{key} is not a key of this configuration{_key_hint(key, overrides)}") from None
+        raise UserError(text.splitlines()[0]) from None
+
+
+def _validate(cfg: DictConfig) -> None:
+    """``config.validate``; what only the job can resolve (``${hydra:...}``, an environment
+    variable set by the launcher) is left to the job."""
+    from capsexp.config import validate
+
+    try:
+        validate(cfg)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- an interpolation this process cannot resolve
+        cause = user_error_in(exc)  # a preset's required value (capsexp_required) is a real mistake
+        if cause is not None:
+            raise cause from None
+
+
+def _sweep_values(sweep: Any) -> list[str] | None:
+    """Every value of a swept override, or None where it cannot be listed here."""
+    try:
+        if sweep.value_type is not None and sweep.value_type.name == "GLOB_CHOICE_SWEEP":
+            options = group_options(sweep.key_or_group)
+            glob = sweep.value()
+            chosen = [o for o in options if any(fnmatch.fnmatch(o, p) for p in glob.include)
+                      and not any(fnmatch.fnmatch(o, p) for p in glob.exclude)]
+            return chosen or None
+        return [str(v) for v in sweep.sweep_string_iterator()]
+    except Exception:  # noqa: BLE001 -- interval() and other sweeps without a list of values
+        return None
+
+
+def precheck(command: str, args: Sequence[str]) -> None:
+    """Raise UserError (one sentence) for a command line Hydra would reject or a job would fail on.
+
+    Under ``-m`` each swept value is composed and validated with the other swept keys at their
+    first value, so a bad value fails the sweep before its first job runs. A run folder that already
+    holds a run is refused here, before Hydra rewrites its ``.hydra/`` record.
+    """
+    from hydra import initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    flag_tokens, items = split_arguments(args)
+    flags = {f.split("=", 1)[0] for f in flag_tokens if f.startswith("-")}
+    modes = sorted({MODES[f] for f in flags if f in MODES})
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} cannot be combined; Hydra runs one of -m, --cfg, --info, "
+                        f"--run and --shell-completion per command.")
+    if flags & NO_CHECK_FLAGS or flags - KNOWN_FLAGS:  # an abbreviation like --multi: Hydra decides
+        return
+    parser = OverridesParser.create()
+    parsed = []
+    for item in items:
+        try:
+            parsed.append(parser.parse_override(item))
+        except HydraException as exc:  # the grammar's errors are raised as HydraException
+            raise UserError(f"'{item}' is not a valid override ({str(exc).splitlines()[0].rstrip('.')}); "
+                            f"write key=value, e.g. head=capsule or data.image_size=64.") from None
+    hydra_keys = {o.key_or_group: o for o in parsed if is_hydra_key(o.key_or_group)}
+    if "hydra.searchpath" in hydra_keys:  # configs from elsewhere: only Hydra can compose them
+        return
+    mode = hydra_keys.get("hydra.mode")
+    multirun = bool(flags & {"-m", "--multirun"}) or (mode is not None and str(mode.value()) == "MULTIRUN")
+    plain = [o for o in parsed if not is_hydra_key(o.key_or_group)]
+    sweeps = [o for o in plain if o.is_sweep_override()]
+    if sweeps and not multirun:
+        raise UserError(f"{sweeps[0].input_line} gives several values; add -m to run one job per value, "
+                        f"e.g. capsexp {command} -m {sweeps[0].input_line}")
+    fixed = [o.input_line for o in plain if not o.is_sweep_override()]
+    choices = []
+    for sweep in sweeps:
+        values = _sweep_values(sweep)
+        if values is None:  # the jobs cannot be listed here: each checks itself when it runs
+            return
+        choices.append([f"{sweep.get_key_element()}={v}" for v in values])
+    first = [values[0] for values in choices]
+    jobs = [first] + [first[:k] + [v] + first[k + 1:] for k, values in enumerate(choices) for v in values[1:]]
+    with initialize_config_module(config_module="capsexp.conf", version_base="1.3"):
+        for swept in jobs[:MAX_COMPOSITIONS]:
+            try:
+                cfg = _compose(fixed + swept)
+                _validate(cfg)
+            except UserError as exc:
+                where = f"in the job with {', '.join(swept)}: " if swept else ""
+                raise UserError(f"{where}{exc}") from None
+            if swept is first and command == "train" and not multirun and not flags & {"-c", "--cfg"}:
+                _check_run_folder(parsed, cfg)  # --cfg only prints
+
+
+def _check_run_folder(parsed: list[Any], cfg: DictConfig) -> None:
+    from capsexp.train import refuse_taken_folder
+
+    given = [o.value() for o in parsed if o.key_or_group == "hydra.run.dir"]
+    resume = OmegaConf.select(cfg, "trainer.resume", default=None, throw_on_resolution_failure=False)
+    if given and isinstance(given[-1], str) and "${" not in given[-1] and resume is None:
+        refuse_taken_folder(Path(given[-1]))
