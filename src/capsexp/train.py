@@ -226,6 +226,14 @@ def _restore(ckpt: dict[str, Any], loop: Loop, state: TrainState) -> None:
     torch.set_rng_state(ckpt["rng"])
 
 
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _announce(cfg: DictConfig, run_dir: Path, loop: Loop, resumed: bool, state: TrainState) -> None:
     rt, model, monitor, logger = loop.rt, loop.model, loop.monitor, loop.logger
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +243,7 @@ def _announce(cfg: DictConfig, run_dir: Path, loop: Loop, resumed: bool, state: 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = ", ".join(monitor.frozen) or "none"
     where = f"resumed at step {state.step}" if resumed else "new run"
-    print(f"capsexp: {where} in {run_dir}\ncapsexp: device {rt.device} ({rt.precision}, world size "
+    print(f"capsexp: {where} in {_shown(run_dir)}\ncapsexp: device {rt.device} ({rt.precision}, world size "
           f"{rt.world_size}); head={cfg.head.name} adapter={cfg.adapter.name} loss={cfg.loss.name}; "
           f"{trainable / 1e6:.2f}M trainable parameters; frozen stages: {frozen}", flush=True)
     logger.text("config", "```\n" + resolved + "\n```", state.step)
