@@ -106,4 +106,12 @@ def test_bench_cli_times_rows_and_writes_bench_json(tmp_path: Path) -> None:
         assert (row["device"], row["precision"], row["image_size"], row["batch_size"])[1:] == ("fp32", 32, 4)
         assert row["device"] in done.stdout and row["name"] in done.stdout
     assert format_table(report["rows"]).splitlines()[0] in done.stdout
+    # the same table as Markdown, under where and how it ran
+    markdown = (tmp_path / "bench.md").read_text().splitlines()
+    assert markdown[0].startswith(f"{got['fc']['device']}, fp32, channels-last off, compile off, 32 px, batch 4, "
+                                  "1 warm-up + 2 timed steps, PyTorch ")
+    table = [line.split(" | ") for line in markdown if line.startswith("| ") and "---" not in line][1:]
+    assert [cells[0].lstrip("| ") for cells in table] == rows
+    fc = dict(zip(["name", "adapter", "iters", "I", "grads", "ms"], table[0]))
+    assert fc["ms"] == f"{got['fc']['step_ms_median']:.1f}" and fc["iters"] == "–"
     assert not list(tmp_path.rglob("*.pt")) and not (tmp_path / "tb").exists()  # no checkpoints, no logs

@@ -258,7 +258,8 @@ def test_scaled_update_path_syncs_once_and_overflow_skips_update_and_schedule(tm
     before = weight.detach().clone()
     (loss, correct, n), sites = step()
     handle.remove()
-    assert sites == ["engine._step_flags"] and n == 0 and float(loss) == 0.0
+    # the flags, and on an overflow step only, the new scale (to tell overflow from a real fault)
+    assert sites == ["engine._step_flags", "engine.train_step"] and n == 0 and float(loss) == 0.0
     assert torch.equal(weight, before), "an overflow step must not update the weights"
     assert loop.scheduler.last_epoch == 1, "nor advance the learning-rate schedule"
     assert loop.scaler.get_scale() == 2.0**9 and state.skipped_steps == 1
@@ -281,3 +282,16 @@ def test_a_checkpoint_without_loss_scaling_resumes_under_a_scaler(tmp_path: Path
     _restore(ckpt, loop, state)
     assert state.step == 2 and loop.scaler.get_scale() == 2.0**10
     assert torch.equal(loop.model.head.fc.weight, ckpt["model"]["head.fc.weight"])
+
+
+def test_gradients_that_overflow_at_any_scale_stop_the_run(tmp_path: Path) -> None:
+    loop = _scaled_loop(tmp_path)
+    loop.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**-12)
+    loop.model.head.fc.weight.register_hook(lambda grad: grad * float("inf"))  # every step
+    state = engine.TrainState()
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    engine.train_step(loop, images, targets, state)  # 2^-12 -> 2^-13: still an overflow step
+    state.step += 1
+    with pytest.raises(engine.StopTraining, match=r"fp16 loss scale fell below 0.0001 at step 2") as caught:
+        engine.train_step(loop, images, targets, state)  # 2^-14 < 1e-4
+    assert caught.value.exit_code == 3 and state.skipped_steps == 2

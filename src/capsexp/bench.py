@@ -33,6 +33,7 @@ from capsexp.models.backbone import feature_size
 from capsexp.runtime import Runtime, setup_runtime
 
 BENCH_FILE = "bench.json"
+BENCH_MARKDOWN = "bench.md"
 ADAPTERS = ("none", "conv", "linear")
 CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
 DEFAULT_LOSS = {"fc": "ce", "capsule": "margin"}  # what composing head=<name> selects
@@ -317,12 +318,18 @@ def bench(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
               "inputs": "synthetic random batches (data loading not timed)",
               "warmup_steps": int(cfg.bench.warmup_steps), "steps": int(cfg.bench.steps),
               "torch": str(torch.__version__), "rows": results}
+    report["setup"] = (f"{common['device']}, {rt.precision}, channels-last {'on' if rt.channels_last else 'off'}, "
+                       f"compile {'on' if cfg.trainer.compile else 'off'}, {common['image_size']} px, batch "
+                       f"{common['batch_size']}, {cfg.bench.warmup_steps} warm-up + {cfg.bench.steps} timed "
+                       f"steps, PyTorch {torch.__version__}")
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / BENCH_FILE
     path.write_text(json.dumps(report, indent=2) + "\n")
+    (run_dir / BENCH_MARKDOWN).write_text(format_markdown(report))
     print(format_table(results))
     print(f"ms/step: median; img/s: mean; x fc, x off: mean step time over the fc row's, over the same "
-          f"model's grads-off row's\npeak MB: {report['memory']}\ncapsexp: wrote {path}", flush=True)
+          f"model's grads-off row's\npeak MB: {report['memory']}\ncapsexp: wrote {path} and "
+          f"{BENCH_MARKDOWN}", flush=True)
     return results
 
 
@@ -352,6 +359,22 @@ def _warn_interval(cfg: DictConfig, rows: list[Row]) -> None:
 
 def _fmt(value: Any, width: int, spec: str = "") -> str:
     return f"{'-' if value is None else format(value, spec):>{width}}"
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The bench as a Markdown table under a line saying where and how it ran (for a README)."""
+    lines = [f"{report['setup']}.", "",
+             "| row | adapter | routing iters | input capsules I | grad diagnostics | step ms (median) | "
+             "images/s | peak MB | x fc | x grads off |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        cells = [r["name"], r["adapter"], _fmt(r["routing_iterations"], 0).replace("-", "–"),
+                 _fmt(r["input_capsules"], 0).replace("-", "–"), r["grads"], f"{r['step_ms_median']:.1f}",
+                 f"{r['images_per_sec']:.1f}", _fmt(r["peak_memory_mb"], 0, ".0f"),
+                 _fmt(r["vs_fc"], 0, ".2f").replace("-", "–"), _fmt(r["vs_grads_off"], 0, ".2f").replace("-", "–")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", f"Peak MB: {report['memory']}."]
+    return "\n".join(lines) + "\n"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

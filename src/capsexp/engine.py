@@ -167,6 +167,10 @@ class Loop:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
 
+# fp16 loss scale below which overflow is taken for a real fault (fairseq's min_loss_scale)
+MIN_LOSS_SCALE = 1e-4
+
+
 def _grad_total_norm(params: list[nn.Parameter], device: torch.device) -> Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -202,6 +206,13 @@ def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -
         loop.optimizer.zero_grad(set_to_none=True)
         loop.scaler.update()
         state.skipped_steps += 1
+        # a scale this small no longer means fp16 range: the gradients are not finite at any
+        # scale (reading the scale is a host read, on overflow steps only)
+        if loop.scaler.get_scale() < MIN_LOSS_SCALE:
+            raise StopTraining(
+                f"the fp16 loss scale fell below {MIN_LOSS_SCALE:g} at step {state.step + 1}: the gradients "
+                f"are not finite at any scale. Stopped with the last good checkpoint kept; use "
+                f"trainer.precision=bf16 or fp32, lower optim.lr, or set trainer.grad_clip.", exit_code=3)
         return _skipped(rt)
     if loss_bad or grad_bad:
         _on_nonfinite(loop, state, loss_bad)
@@ -295,8 +306,9 @@ def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int,
         rt.synchronize()
         state.timed_seconds += time.perf_counter() - tick
         state.timed_images += tick_images * rt.world_size
-    # kept in the state so a checkpoint taken now resumes the same logging window
-    state.window = sums.tolist()
+    # kept in the state so a checkpoint taken now resumes the same logging window; averaged
+    # over ranks, since every rank restores rank 0's checkpoint
+    state.window = all_reduce_mean(sums, rt).tolist()
     if not loop.stop and state.window[2] > 0:
         _log_train(loop, sums, state, bar)
         state.window = [0.0, 0.0, 0.0]
