@@ -207,6 +207,9 @@ def main() -> None:
         precheck(command, argv[1:])
     except UserError as exc:
         _fail_plain(str(exc))
+    except Exception:  # noqa: BLE001 -- what the check cannot judge, Hydra reports itself below
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
     os.environ[COMMAND_LINE_ENV] = json.dumps(argv[1:])  # read back by capsexp_sweep_subdir
     # Hydra parses sys.argv itself
     sys.argv = [sys.argv[0], *hydra_argv(argv[1:]), *_distributed_overrides(argv[1:])]
