@@ -98,6 +98,8 @@ def test_hparams_live_in_the_runs_own_event_file(sweep: tuple[Path, subprocess.C
 def test_hydra_flags_still_work(tmp_path: Path) -> None:
     helped = run_cli("train", "--help", cwd=tmp_path)
     assert helped.returncode == 0 and "experiment: fc_vs_capsule, freeze_sweep" in helped.stdout
+    assert "Config groups (one option each, e.g. head=capsule):" in helped.stdout and "head: capsule, fc" in helped.stdout
+    assert "capsexp train -m head=capsule head.routing.iterations=1,3,5" in helped.stdout  # the examples
     shown = run_cli("train", "--cfg", "job", "experiment=routing_sweep", cwd=tmp_path)
     assert shown.returncode == 0 and "iterations: 3" in shown.stdout and "name: capsule" in shown.stdout
     assert not (tmp_path / "outputs").exists()
