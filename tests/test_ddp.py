@@ -150,3 +150,34 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
     assert metrics["status"] == "interrupted", err[-3000:]
     assert f"interrupted at step {metrics['steps']}; checkpoint saved" in err
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == metrics["steps"]
+
+
+@pytest.mark.slow
+def test_validation_under_ddp_measures_the_model_rank_0_saves(tmp_path: Path) -> None:
+    """BatchNorm trains here, so each rank's running statistics drift apart on its own batches;
+    evaluation must use rank 0's (those in the checkpoint) on every rank."""
+    from omegaconf import OmegaConf
+
+    from capsexp.data import build_datasets, build_loaders
+    from capsexp.engine import Objective, evaluate
+    from capsexp.losses import build_loss
+    from capsexp.models import build_model
+    from capsexp.runtime import setup_runtime
+
+    run = tmp_path / "run"
+    overrides = [*TINY, "data.train_size=32", "data.val_size=15", "trainer.max_steps=4", "backbone.freeze_depth=3",
+                 "trainer.precision=fp32", "grads.figure_every_n_steps=0", "optim=sgd", "head=fc",
+                 f"data.batch_size={BATCH}", f"hydra.run.dir={run}"]
+    done = torchrun(overrides, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    cfg = OmegaConf.create(ckpt["config"])
+    train_ds, val_ds, classes = build_datasets(cfg.data, seed=int(cfg.seed))
+    model = build_model(cfg, classes)
+    model.load_state_dict(ckpt["model"])
+    objective = Objective(model, build_loss(cfg.loss), float(cfg.loss.reconstruction_weight))
+    val_loader = build_loaders(cfg.data, train_ds, val_ds, seed=int(cfg.seed))[1]
+    single = evaluate(objective, val_loader, setup_runtime(cfg.trainer), None, show_progress=False)
+    assert metrics["val/loss"] == pytest.approx(single["val/loss"], rel=1e-5)
+    assert metrics["val/acc"] == pytest.approx(single["val/acc"], abs=1e-6)

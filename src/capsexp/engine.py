@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from capsexp.runtime import Runtime, all_reduce_max, all_reduce_mean, all_reduce_sum
+from capsexp.runtime import Runtime, all_reduce_max, all_reduce_mean, all_reduce_sum, broadcast_buffers
 
 
 class Objective(nn.Module):
@@ -114,6 +114,7 @@ def evaluate(objective: nn.Module, loader: Iterable, rt: Runtime, limit: int | N
     validation batches, and DDP's forward would wait for a collective the others never join.
     """
     objective.eval()
+    broadcast_buffers(objective, rt)  # each rank updated its running statistics on its last batch
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device)
     seen = torch.zeros((), device=rt.device)

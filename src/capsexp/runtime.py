@@ -180,6 +180,14 @@ def all_reduce_max(value: Tensor, rt: Runtime) -> Tensor:
     return value
 
 
+def broadcast_buffers(module: nn.Module, rt: Runtime) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), as DDP does before each
+    training forward: evaluation then measures the model rank 0 saves."""
+    if rt.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier(rt: Runtime) -> None:
     """Wait for every rank (a no-op in one process)."""
     if rt.distributed:
