@@ -221,6 +221,7 @@ HYDRA_LEVEL_MISTAKES = [
     (["trainer.max_steps=1,3"], "trainer.max_steps=1,3 gives several values; add -m to run one job per value, "
                                 "e.g. capsexp train -m trainer.max_steps=1,3"),
     (["data.image_size=[32"], "'data.image_size=[32' is not a valid override"),
+    (["data=imagefolder"], "data.root is required for data=imagefolder; pass data.root=/path/to/images."),
     (["-m", "backbone.freeze_depth=0,9"], "in the job with backbone.freeze_depth=9: backbone.freeze_depth=9 is "
                                           "not allowed; it must be an integer from 0 to 5."),
     (["-m", "head=fc,capsule", "adapter=conv,bad"], "in the job with head=fc, adapter=bad: adapter=bad is not an "

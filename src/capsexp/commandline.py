@@ -220,17 +220,19 @@ def precheck(command: str, args: Sequence[str]) -> None:
             return
         choices.append([f"{sweep.get_key_element()}={v}" for v in values])
     first = [values[0] for values in choices]
+    printing = bool(flags & {"-c", "--cfg"})  # --cfg shows the config, whatever its values
     jobs = [first] + [first[:k] + [v] + first[k + 1:] for k, values in enumerate(choices) for v in values[1:]]
     with initialize_config_module(config_module="capsexp.conf", version_base="1.3"):
         for swept in jobs[:MAX_COMPOSITIONS]:
             try:
                 cfg = _compose(fixed + swept)
-                _validate(cfg)
+                if not printing:
+                    _validate(cfg)
             except UserError as exc:
                 where = f"in the job with {', '.join(swept)}: " if swept else ""
                 raise UserError(f"{where}{exc}") from None
-            if swept is first and command == "train" and not multirun and not flags & {"-c", "--cfg"}:
-                _check_run_folder(parsed, cfg)  # --cfg only prints
+            if swept is first and command == "train" and not multirun and not printing:
+                _check_run_folder(parsed, cfg)
 
 
 def _check_run_folder(parsed: list[Any], cfg: DictConfig) -> None:

@@ -158,7 +158,7 @@ def _cross_field(cfg: DictConfig) -> None:
         raise UserError("trainer.max_epochs and trainer.max_steps are both null; set at least one.")
     if t.resume is not None and not isinstance(t.resume, str):
         raise UserError(f"trainer.resume={t.resume!r} is not allowed; it must be a checkpoint path, auto or null.")
-    if str(_get(cfg, "data.root")) == "???":
+    if OmegaConf.is_missing(cfg.data, "root"):  # "???" in the group file: the user must say
         raise UserError(f"data.root is required for data={cfg.data.name}; pass data.root=/path/to/images.")
     if cfg.data.name == "imagefolder" and not 0 < float(cfg.data.val_fraction) < 1:
         raise UserError(f"data.val_fraction={cfg.data.val_fraction!r} is not allowed; it must be in (0, 1).")
