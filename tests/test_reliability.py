@@ -222,6 +222,10 @@ HYDRA_LEVEL_MISTAKES = [
                                 "e.g. capsexp train -m trainer.max_steps=1,3"),
     (["data.image_size=[32"], "'data.image_size=[32' is not a valid override"),
     (["data=imagefolder"], "data.root is required for data=imagefolder; pass data.root=/path/to/images."),
+    (["experiment=seed_scenario"], "experiment=seed_scenario needs a trained backbone: pass backbone.weights="),
+    (["-m", "experiment=routing_sweep", "head=fc"], "in the job with head.routing.iterations=1, "
+     "head.routing.detach=true: head.routing.iterations is not a key of this configuration; it exists only "
+     "with head=capsule"),
     (["-m", "backbone.freeze_depth=0,9"], "in the job with backbone.freeze_depth=9: backbone.freeze_depth=9 is "
                                           "not allowed; it must be an integer from 0 to 5."),
     (["-m", "head=fc,capsule", "adapter=conv,bad"], "in the job with head=fc, adapter=bad: adapter=bad is not an "

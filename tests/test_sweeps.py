@@ -120,6 +120,10 @@ def test_experiment_preset_sweeps_what_it_documents(name: str) -> None:
         job_cfg = compose_hydra(f"experiment={name}", "backbone.weights=IMAGENET1K_V2", *job)
         validate(job_cfg)
         assert job_cfg.loss.name == ("margin" if job_cfg.head.name == "capsule" else "ce")
+    # and the command-line check, which composes the preset's sweep itself, lets it through
+    from capsexp.commandline import precheck
+
+    precheck("train", ["-m", f"experiment={name}", "backbone.weights=IMAGENET1K_V2", "data.image_size=32"])
 
 
 def test_capsule_presets_keep_the_capsule_default_loss_unless_given() -> None:

@@ -120,13 +120,13 @@ def _key_hint(key: str, overrides: list[str]) -> str:
     return f"; did you mean {close[0]}?" if close else f" (to add a new key, write +{key}=...)"
 
 
-def _compose(overrides: list[str]) -> DictConfig:
+def _compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
     """The config ``overrides`` make (inside an initialised Hydra), or UserError with one sentence."""
     from hydra import compose
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
     try:
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
     except MissingConfigException as exc:
         missing = str(getattr(exc, "missing_cfg_file", "") or "")
         group, _, option = missing.rpartition("/")
@@ -170,9 +170,24 @@ def _sweep_values(sweep: Any) -> list[str] | None:
             chosen = [o for o in options if any(fnmatch.fnmatch(o, p) for p in glob.include)
                       and not any(fnmatch.fnmatch(o, p) for p in glob.exclude)]
             return chosen or None
-        return [str(v) for v in sweep.sweep_string_iterator()]
+        return [{"True": "true", "False": "false"}.get(str(v), str(v)) for v in sweep.sweep_string_iterator()]
     except Exception:  # noqa: BLE001 -- interval() and other sweeps without a list of values
         return None
+
+
+def _choices(overrides: Any) -> list[list[str]] | None:
+    """``key=value`` for every value of every override (one for a plain one); None where a sweep
+    cannot be listed here."""
+    out = []
+    for override in overrides:
+        if not override.is_sweep_override():
+            out.append([override.input_line])
+            continue
+        values = _sweep_values(override)
+        if values is None:
+            return None
+        out.append([f"{override.get_key_element()}={v}" for v in values])
+    return out
 
 
 def precheck(command: str, args: Sequence[str]) -> None:
@@ -213,16 +228,26 @@ def precheck(command: str, args: Sequence[str]) -> None:
         raise UserError(f"{sweeps[0].input_line} gives several values; add -m to run one job per value, "
                         f"e.g. capsexp {command} -m {sweeps[0].input_line}")
     fixed = [o.input_line for o in plain if not o.is_sweep_override()]
-    choices = []
-    for sweep in sweeps:
-        values = _sweep_values(sweep)
-        if values is None:  # the jobs cannot be listed here: each checks itself when it runs
-            return
-        choices.append([f"{sweep.get_key_element()}={v}" for v in values])
-    first = [values[0] for values in choices]
+    choices = _choices(sweeps)
+    if choices is None:  # the jobs cannot be listed here: each checks itself when it runs
+        return
     printing = bool(flags & {"-c", "--cfg"})  # --cfg shows the config, whatever its values
-    jobs = [first] + [first[:k] + [v] + first[k + 1:] for k, values in enumerate(choices) for v in values[1:]]
     with initialize_config_module(config_module="capsexp.conf", version_base="1.3"):
+        if multirun:  # a preset's own sweep (hydra.sweeper.params) unless the command line pins the key
+            try:
+                params = OmegaConf.select(_compose(fixed + [c[0] for c in choices], with_hydra=True),
+                                          "hydra.sweeper.params", default=None)
+            except UserError as exc:
+                where = f"in the job with {', '.join(c[0] for c in choices)}: " if choices else ""
+                raise UserError(f"{where}{exc}") from None
+            pinned = {o.key_or_group for o in plain}
+            preset = _choices(parser.parse_override(f"{key}={value}") for key, value in (params or {}).items()
+                              if key not in pinned)
+            if preset is None:
+                return
+            choices += preset
+        first = [values[0] for values in choices]
+        jobs = [first] + [first[:k] + [v] + first[k + 1:] for k, values in enumerate(choices) for v in values[1:]]
         for swept in jobs[:MAX_COMPOSITIONS]:
             try:
                 cfg = _compose(fixed + swept)

@@ -64,6 +64,9 @@ def _stage_list(v: Any) -> bool:
 
 COMMON: list[Check] = [
     ("seed", _int(0), "an integer >= 0"),
+    # read here so a preset's required value (capsexp_required) fails before anything runs
+    ("backbone.weights", lambda v: v is None or isinstance(v, str),
+     "null, a torchvision weights name such as IMAGENET1K_V2, or a file path"),
     ("backbone.freeze_depth", _int(0, 5), "an integer from 0 to 5"),
     ("data.image_size", _int(MIN_IMAGE_SIZE), f"an integer >= {MIN_IMAGE_SIZE} (pixels)"),
     ("data.batch_size", _int(1), "a positive integer"),
