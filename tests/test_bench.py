@@ -115,3 +115,38 @@ def test_bench_cli_times_rows_and_writes_bench_json(tmp_path: Path) -> None:
     fc = dict(zip(["name", "adapter", "iters", "I", "grads", "ms"], table[0]))
     assert fc["ms"] == f"{got['fc']['step_ms_median']:.1f}" and fc["iters"] == "–"
     assert not list(tmp_path.rglob("*.pt")) and not (tmp_path / "tb").exists()  # no checkpoints, no logs
+
+
+def test_diagnostics_rows_share_one_model_and_take_turns_in_blocks(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drift of the machine's speed must not fall on one diagnostics setting: they alternate."""
+    from capsexp import bench as bench_module
+    from capsexp import diagnostics
+    from capsexp.runtime import setup_runtime
+
+    created: list[diagnostics.GradientMonitor] = []
+    real_init = diagnostics.GradientMonitor.__init__
+
+    def init(self: diagnostics.GradientMonitor, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)
+        created.append(self)
+
+    order: list[int] = []  # which monitor each step ran with
+    real_step = bench_module.train_step
+
+    def step(loop: object, *args: object) -> object:
+        order.append(created.index(loop.monitor))
+        return real_step(loop, *args)
+
+    monkeypatch.setattr(diagnostics.GradientMonitor, "__init__", init)
+    monkeypatch.setattr(bench_module, "train_step", step)
+    cfg = make_cfg("head=fc", "backbone.freeze_depth=4", "bench.warmup_steps=1", "bench.steps=4",
+                   "grads.log_every_n_steps=2", "grads.figure_every_n_steps=0")
+    rows = [r for r in plan(cfg) if r.base == "fc"]
+    assert [r.name for r in rows] == ["fc", "fc-grads-off", "fc-grads-every"]
+    results = bench_module.time_rows([variant(cfg, r) for r in rows], setup_runtime(cfg.trainer), 8, tmp_path)
+    assert len(created) == 3  # one model, one monitor per diagnostics setting
+    assert order == [0, 1, 2] + [0, 0, 1, 1, 2, 2] * 2  # warm-up, then blocks of log_every_n_steps in turn
+    # default interval: one logging step in each of its blocks; off: none; every step: all 5 of its steps
+    assert [len(m.history) for m in created] == [2, 0, 5]
+    assert all(r["step_ms_median"] > 0 and r["images_per_sec"] > 0 for r in results) and len(results) == 3

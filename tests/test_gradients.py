@@ -335,3 +335,22 @@ def test_gradient_flow_figure_renders_rgb() -> None:
     assert (image < 250).any(axis=2).mean() > 0.02  # more than a blank canvas
     empty = gradient_flow_figure([])
     assert empty.ndim == 3 and empty.dtype == np.uint8
+
+
+def test_precomputed_gradient_norms_are_used_when_complete() -> None:
+    stages = tiny_stages()
+    backward(stages)
+    params = [p for s in stages.values() for p in s.parameters() if p.requires_grad and p.grad is not None]
+    exact = {id(p): p.grad.double().norm().float() for p in params}
+    reference = gradient_stats(stages)
+    given = gradient_stats(stages, grad_norms=exact)
+    assert given.stage_norm == pytest.approx(reference.stage_norm, rel=1e-5)
+    assert given.layer_norm == pytest.approx(reference.layer_norm, rel=1e-5)
+    # they are really read, not recomputed: doubled norms double every gradient norm
+    doubled = gradient_stats(stages, grad_norms={k: 2 * v for k, v in exact.items()})
+    assert doubled.stage_norm == pytest.approx({k: 2 * v for k, v in reference.stage_norm.items()}, rel=1e-5)
+    assert doubled.stage_ratio == pytest.approx({k: 2 * v for k, v in reference.stage_ratio.items()}, rel=1e-5)
+    # a set that misses a parameter with a gradient is ignored
+    partial = dict(list(exact.items())[1:])
+    assert gradient_stats(stages, grad_norms={k: 2 * v for k, v in partial.items()}).stage_norm == \
+        pytest.approx(reference.stage_norm, rel=1e-6)

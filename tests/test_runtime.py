@@ -295,3 +295,25 @@ def test_gradients_that_overflow_at_any_scale_stop_the_run(tmp_path: Path) -> No
     with pytest.raises(engine.StopTraining, match=r"fp16 loss scale fell below 0.0001 at step 2") as caught:
         engine.train_step(loop, images, targets, state)  # 2^-14 < 1e-4
     assert caught.value.exit_code == 3 and state.skipped_steps == 2
+
+
+def test_a_logging_step_reads_the_gradients_once_for_their_norms(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from capsexp.train import build_loop
+
+    cfg = make_cfg("head=fc", "backbone.freeze_depth=4", "grads.log_every_n_steps=1", "grads.figure_every_n_steps=0")
+    loop = build_loop(cfg, setup_runtime(cfg.trainer), 8, 10, tmp_path / "tb", show_progress=False)
+    gradients: list[int] = []  # calls of the batched L2 norm over gradient tensors
+    real = torch._foreach_norm
+
+    def counting(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+        grads = {id(p.grad) for p in loop.params if p.grad is not None}
+        ord_ = args[0] if args else kwargs.get("ord", 2)
+        if ord_ == 2 and any(id(t) in grads for t in tensors):
+            gradients.append(len(tensors))
+        return real(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_norm", counting)
+    engine.train_step(loop, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), engine.TrainState())
+    assert len(loop.monitor.history) == 1  # it was a logging step, statistics taken
+    assert gradients == [len([p for p in loop.params if p.grad is not None])]

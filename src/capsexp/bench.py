@@ -245,39 +245,70 @@ def _batches(cfg: DictConfig, classes: int, rt: Runtime) -> list[tuple[torch.Ten
 
 def time_row(cfg: DictConfig, rt: Runtime, classes: int, tb_dir: Path) -> dict[str, Any]:
     """Build one configuration as ``train`` does and time ``train_step``; return the measurements."""
+    return time_rows([cfg], rt, classes, tb_dir)[0]
+
+
+def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -> list[dict[str, Any]]:
+    """Time configurations that differ only in their ``grads`` settings on one model, interleaved.
+
+    The model, loss, optimizer, schedule and scaler are built once from ``cfgs[0]`` as ``train``
+    builds them; each configuration gets its own gradient monitor. The timed steps run in blocks of
+    the longest ``grads.log_every_n_steps`` among them, the configurations taking turns block by
+    block, so each block holds exactly one logging step of that interval and a slow drift of the machine's
+    speed (other tenants, clocks) falls on every configuration alike instead of on whichever row
+    happened to run last. One configuration is simply timed step after step.
+    """
+    from capsexp.diagnostics import GradientMonitor
     from capsexp.train import build_loop, seed_everything
 
-    warmup, steps = int(cfg.bench.warmup_steps), int(cfg.bench.steps)
-    if cfg.trainer.compile:
+    base = cfgs[0]
+    warmup, steps = int(base.bench.warmup_steps), int(base.bench.steps)
+    # the longest logging interval among them: the default one (an "every step" variant has 1)
+    block = max(int(c.grads.log_every_n_steps) for c in cfgs) if len(cfgs) > 1 else steps
+    blocks = -(-steps // block)  # per configuration
+    if base.trainer.compile:
         torch._dynamo.reset()  # every row is a new model: start from an empty compile cache
     memory = PeakMemory(rt.device)
     memory.start()
-    seed_everything(int(cfg.seed))
-    loop = build_loop(cfg, rt, classes, warmup + steps, tb_dir, show_progress=False)
-    runnable, model, logger = loop.objective, loop.model, loop.logger
-    state, batches, seconds = TrainState(), _batches(cfg, classes, rt), []
-    runnable.train()
-    for index in range(warmup + steps):
-        images, targets = batches[index % len(batches)]
-        rt.synchronize()  # time the step's own work, not work still queued on the GPU
-        if index == warmup:
-            memory.skip_warmup()
-        tick = time.perf_counter()
-        train_step(loop, images, targets, state)
-        rt.synchronize()
-        if index >= warmup:
-            seconds.append(time.perf_counter() - tick)
-        state.step += 1
-    logger.close()
-    head, side = model.head, model.adapter.out_size(feature_size(int(cfg.data.image_size)))
-    return {
-        "input_capsules": head.primary.num_capsules if hasattr(head, "primary") else None,
-        "head_input": f"{model.adapter.out_channels}x{side}x{side}",
-        "images_per_sec": int(cfg.data.batch_size) * len(seconds) / sum(seconds),
-        "step_ms_median": 1000 * statistics.median(seconds),
-        "step_ms_mean": 1000 * statistics.fmean(seconds),
-        "peak_memory_mb": memory.peak_mb(),
-    }
+    seed_everything(int(base.seed))
+    loop = build_loop(base, rt, classes, warmup * len(cfgs) + blocks * block * len(cfgs), tb_dir,
+                      show_progress=False)
+    monitors = [loop.monitor] + [GradientMonitor(c.grads, int(c.trainer.log_every_n_steps), loop.logger,
+                                                 loop.model.stages()) for c in cfgs[1:]]
+    state, batches = TrainState(), _batches(base, classes, rt)
+    seconds: list[list[float]] = [[] for _ in cfgs]
+    peaks: list[float | None] = [None for _ in cfgs]
+
+    def run(which: int, count: int, timed: bool) -> None:
+        loop.monitor = monitors[which]
+        for _ in range(count):
+            images, targets = batches[state.step % len(batches)]
+            rt.synchronize()  # time the step's own work, not work still queued on the GPU
+            tick = time.perf_counter()
+            train_step(loop, images, targets, state)
+            rt.synchronize()
+            if timed:
+                seconds[which].append(time.perf_counter() - tick)
+            state.step += 1
+
+    loop.objective.train()
+    for which in range(len(cfgs)):
+        run(which, warmup, timed=False)
+    for _ in range(blocks):
+        for which in range(len(cfgs)):
+            memory.skip_warmup()  # this block's peak only
+            run(which, block, timed=True)
+            peak = memory.peak_mb()
+            peaks[which] = peak if peaks[which] is None or peak is None else max(peaks[which], peak)
+    loop.logger.close()
+    head, side = loop.model.head, loop.model.adapter.out_size(feature_size(int(base.data.image_size)))
+    shape = {"input_capsules": head.primary.num_capsules if hasattr(head, "primary") else None,
+             "head_input": f"{loop.model.adapter.out_channels}x{side}x{side}"}
+    return [{**shape,
+             "images_per_sec": int(base.data.batch_size) * len(times) / sum(times),
+             "step_ms_median": 1000 * statistics.median(times),
+             "step_ms_mean": 1000 * statistics.fmean(times),
+             "peak_memory_mb": peak} for times, peak in zip(seconds, peaks)]
 
 
 def _ratios(rows: list[dict[str, Any]], plan_rows: list[Row]) -> None:
@@ -341,11 +372,20 @@ def _time_rows(rows: list[Row], variants: list[DictConfig], rt: Runtime, classes
         prime = copy.deepcopy(variants[0])
         prime.bench.warmup_steps, prime.bench.steps = 0, 1
         time_row(prime, rt, classes, Path(tb) / "prime")
-        for row, row_cfg in zip(rows, variants):
-            measured = time_row(row_cfg, rt, classes, Path(tb) / row.name)
+        # rows of one model that differ only in their diagnostics are timed together, interleaved
+        groups: dict[str, list[int]] = {}
+        for index, row in enumerate(rows):
+            groups.setdefault(row.base, []).append(index)
+        measured: dict[int, dict[str, Any]] = {}
+        for base, members in groups.items():
+            results = time_rows([variants[i] for i in members], rt, classes, Path(tb) / base)
+            for index, result in zip(members, results):
+                measured[index] = result
+                print(f"  {rows[index].name}: {result['step_ms_median']:.1f} ms/step", flush=True)
+        for index, (row, row_cfg) in enumerate(zip(rows, variants)):
             out.append({"name": row.name, "head": row.head, "adapter": row.adapter,
-                        "routing_iterations": row.iterations, "grads": _grads_label(row_cfg), **measured})
-            print(f"  {row.name}: {measured['step_ms_median']:.1f} ms/step", flush=True)
+                        "routing_iterations": row.iterations, "grads": _grads_label(row_cfg),
+                        **measured[index]})
     return out
 
 

@@ -43,12 +43,14 @@ class GradientMonitor:
         next_figure = -(-step // every) * every
         return next_figure - step < FLOW_LINES * int(self.cfg.log_every_n_steps)
 
-    def after_backward(self, step: int, model: nn.Module, images: Tensor, targets: Tensor) -> None:
-        """``step`` counts optimizer steps including this one (the TensorBoard x-axis)."""
+    def after_backward(self, step: int, model: nn.Module, images: Tensor, targets: Tensor,
+                       grad_norms: dict[int, Tensor] | None = None) -> None:
+        """``step`` counts optimizer steps including this one (the TensorBoard x-axis);
+        ``grad_norms`` are per-parameter gradient norms the caller has already computed."""
         stages = model.stages()
         if self.cfg.enabled and self._due(step, int(self.cfg.log_every_n_steps)):
             self._log_stats(step, gradient_stats(stages, per_layer=bool(self.cfg.per_layer),
-                                                 mean_abs=self._flow_needs(step)))
+                                                 mean_abs=self._flow_needs(step), grad_norms=grad_norms))
         if self._due(step, int(self.cfg.histogram_every_n_steps)):
             for name, module in stages.items():
                 grads = [p.grad.flatten() for p in module.parameters() if p.grad is not None]

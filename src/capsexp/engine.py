@@ -172,11 +172,13 @@ class Loop:
 MIN_LOSS_SCALE = 1e-4
 
 
-def _grad_total_norm(params: list[nn.Parameter], device: torch.device) -> Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=device)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+def _grad_norms(params: list[nn.Parameter], device: torch.device) -> tuple[dict[int, Tensor], Tensor]:
+    """Each parameter's gradient L2 norm (by ``id``; the gradient diagnostics reuse them) and the total."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return {}, torch.zeros((), device=device)
+    norms = torch._foreach_norm([p.grad for p in with_grad])
+    return {id(p): n for p, n in zip(with_grad, norms)}, torch.linalg.vector_norm(torch.stack(norms))
 
 
 def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -> tuple[Tensor, Tensor, int]:
@@ -196,10 +198,10 @@ def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -
         loss, scores = loop.objective(images, targets, progress)
     loop.scaler.scale(loss).backward()
     loop.scaler.unscale_(loop.optimizer)
+    norms, total_norm = _grad_norms(loop.params, rt.device)
     # the one measuring point: after backward and unscaling, before clipping and the step
     if loop.monitor is not None:
-        loop.monitor.after_backward(state.step + 1, loop.model, images, targets)
-    total_norm = _grad_total_norm(loop.params, rt.device)
+        loop.monitor.after_backward(state.step + 1, loop.model, images, targets, grad_norms=norms)
     loss_bad, grad_bad, stop = _step_flags(loop, loss, total_norm)
     loop.stop = stop  # a signal reached some rank: every rank ends after this same step
     if grad_bad and not loss_bad and loop.scaler.is_enabled():

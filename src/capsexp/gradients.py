@@ -123,14 +123,17 @@ def _norms(tensors: list[torch.Tensor], order: int, device: torch.device) -> tor
 
 
 def gradient_stats(stages: Mapping[str, nn.Module], per_layer: bool = True,
-                   mean_abs: bool = True) -> GradStats:
+                   mean_abs: bool = True, grad_norms: Mapping[int, torch.Tensor] | None = None) -> GradStats:
     """Gradient norms, gradient/weight ratios and mean |grad| of trainable stages.
 
     Parameters whose ``.grad`` is None count as a zero gradient. With
     ``per_layer=False`` the layer dicts are left empty (cheaper), stage values
     and the total are still computed; with ``mean_abs=False`` only the mean |grad|
     per layer is left out (it costs one more pass over every gradient). ``nonfinite``
-    is True when any gradient holds a NaN or an infinity.
+    is True when any gradient holds a NaN or an infinity. ``grad_norms`` (L2 norm of
+    each parameter's gradient, keyed by ``id(parameter)``) saves the pass over the
+    gradients when the caller has them already; it is used only if it covers every
+    parameter that has a gradient.
     """
     layers = weight_bearing_layers(stages)
     if not layers:
@@ -148,7 +151,13 @@ def gradient_stats(stages: Mapping[str, nn.Module], per_layer: bool = True,
     # allocating a parameter-sized buffer.
     grads = [p.grad if p.grad is not None else p.new_zeros(()) for p in params]
 
-    grad_p = _norms(grads, 2, device)
+    known = grad_norms if grad_norms is not None and all(
+        id(p) in grad_norms or p.grad is None for p in params) else None
+    if known is not None:
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        grad_p = torch.stack([known[id(p)].to(device, torch.float32) if id(p) in known else zero for p in params])
+    else:
+        grad_p = _norms(grads, 2, device)
     weight_p = _norms([p.detach() for p in params], 2, device)
     grad_l = _segment_norm(grad_p, param_layer, len(layer_keys))
     weight_l = _segment_norm(weight_p, param_layer, len(layer_keys))
