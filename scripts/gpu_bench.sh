@@ -14,6 +14,12 @@
 # and writes every table, with the device named, to $OUT/summary.md (Markdown, ready for the README).
 # WARMUP and STEPS set the untimed and timed steps per row (default 10 and 50).
 set -euo pipefail
+if [[ -n "${OUT:-}" ]]; then
+  OUT=$(realpath -m -- "$OUT")  # a folder given from anywhere stays where it was meant
+fi
+if [[ -n "${CAPSEXP:-}" && "$CAPSEXP" == */* ]]; then
+  CAPSEXP=$(realpath -m -- "$CAPSEXP")
+fi
 cd "$(dirname "$0")/.."
 CAPSEXP=${CAPSEXP:-$(command -v capsexp || echo .venv/bin/capsexp)}
 OUT=${OUT:-outputs/gpu_bench/$(date +%Y-%m-%d_%H-%M-%S)}

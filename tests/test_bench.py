@@ -140,13 +140,15 @@ def test_diagnostics_rows_share_one_model_and_take_turns_in_blocks(tmp_path: Pat
 
     monkeypatch.setattr(diagnostics.GradientMonitor, "__init__", init)
     monkeypatch.setattr(bench_module, "train_step", step)
-    cfg = make_cfg("head=fc", "backbone.freeze_depth=4", "bench.warmup_steps=1", "bench.steps=4",
+    cfg = make_cfg("head=fc", "backbone.freeze_depth=4", "bench.warmup_steps=1", "bench.steps=5",
                    "grads.log_every_n_steps=2", "grads.figure_every_n_steps=0")
     rows = [r for r in plan(cfg) if r.base == "fc"]
     assert [r.name for r in rows] == ["fc", "fc-grads-off", "fc-grads-every"]
     results = bench_module.time_rows([variant(cfg, r) for r in rows], setup_runtime(cfg.trainer), 8, tmp_path)
     assert len(created) == 3  # one model, one monitor per diagnostics setting
-    assert order == [0, 1, 2] + [0, 0, 1, 1, 2, 2] * 2  # warm-up, then blocks of log_every_n_steps in turn
-    # default interval: one logging step in each of its blocks; off: none; every step: all 5 of its steps
-    assert [len(m.history) for m in created] == [2, 0, 5]
+    # warm-up, then blocks of log_every_n_steps in turn; the last block cut to bench.steps=5 in all
+    assert order == [0, 1, 2] + [0, 0, 1, 1, 2, 2] * 2 + [0, 1, 2]
+    # each setting counts its own steps 1..6 (1 warm-up + 5 timed): the default interval logs at
+    # steps 2, 4, 6; off never; every step at all six
+    assert [len(m.history) for m in created] == [3, 0, 6]
     assert all(r["step_ms_median"] > 0 and r["images_per_sec"] > 0 for r in results) and len(results) == 3

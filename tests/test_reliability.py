@@ -230,11 +230,14 @@ HYDRA_LEVEL_MISTAKES = [
                                           "not allowed; it must be an integer from 0 to 5."),
     (["-m", "head=fc,capsule", "adapter=conv,bad"], "in the job with head=fc, adapter=bad: adapter=bad is not an "
                                                     "option of adapter; choose from conv, linear, none."),
-    (["-m", "head=glob(cap*)", "head.routing.iterations=0"], "in the job with head=capsule: "
-                                                             "head.routing.iterations=0 is not allowed"),
+    (["-m", "head=glob(cap*)", "head.routing.detach=true,false", "head.routing.iterations=0"],
+     "head.routing.iterations is not a key of this configuration; it exists only with head=capsule"),
+    (["-m", "head=glob(cap*)", "head.routing.iterations=0,2"], "in the job with head=capsule, "
+                                                               "head.routing.iterations=0: "
+                                                               "head.routing.iterations=0 is not allowed"),
+    # as Hydra does, the config of the overrides that are not swept must compose on its own
     (["hydra.mode=MULTIRUN", "head=fc,capsule", "head.routing.iterations=3"],
-     "in the job with head=fc: head.routing.iterations is not a key of this configuration; it exists only with "
-     "head=capsule"),
+     "head.routing.iterations is not a key of this configuration; it exists only with head=capsule"),
 ]
 
 
@@ -292,6 +295,8 @@ def test_flags_may_follow_overrides_and_conflicting_modes_are_one_sentence(tmp_p
 
 
 @pytest.mark.parametrize("args", [
+    ["-m", "experiment=routing_sweep,freeze_sweep"],  # a swept preset brings no preset sweep of its own
+    ["-m", "experiment=fc_vs_capsule", "hydra.sweeper.params.head=fc", "loss.label_smoothing=0.1"],
     ["data=imagefolder", "data.root=${hydra:runtime.cwd}/images"],  # resolved inside the job only
     ["seed=${oc.env:CAPSEXP_TEST_UNSET_VARIABLE}"],  # set by a launcher inside the job
     ["head=capsule", "--info"],

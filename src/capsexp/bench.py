@@ -275,12 +275,14 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
                       show_progress=False)
     monitors = [loop.monitor] + [GradientMonitor(c.grads, int(c.trainer.log_every_n_steps), loop.logger,
                                                  loop.model.stages()) for c in cfgs[1:]]
-    state, batches = TrainState(), _batches(base, classes, rt)
+    # a step counter per configuration: each monitor sees steps 1, 2, ... as in a run of its own,
+    # so work due at a step (a logging step, a flow figure) falls on the configuration it belongs to
+    states, batches = [TrainState() for _ in cfgs], _batches(base, classes, rt)
     seconds: list[list[float]] = [[] for _ in cfgs]
     peaks: list[float | None] = [None for _ in cfgs]
 
     def run(which: int, count: int, timed: bool) -> None:
-        loop.monitor = monitors[which]
+        loop.monitor, state = monitors[which], states[which]
         for _ in range(count):
             images, targets = batches[state.step % len(batches)]
             rt.synchronize()  # time the step's own work, not work still queued on the GPU
@@ -294,10 +296,11 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
     loop.objective.train()
     for which in range(len(cfgs)):
         run(which, warmup, timed=False)
-    for _ in range(blocks):
+    for index in range(blocks):
+        count = min(block, steps - index * block)  # exactly bench.steps timed steps each
         for which in range(len(cfgs)):
             memory.skip_warmup()  # this block's peak only
-            run(which, block, timed=True)
+            run(which, count, timed=True)
             peak = memory.peak_mb()
             peaks[which] = peak if peaks[which] is None or peak is None else max(peaks[which], peak)
     loop.logger.close()

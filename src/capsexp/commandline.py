@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import itertools
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -170,7 +171,8 @@ def _sweep_values(sweep: Any) -> list[str] | None:
             chosen = [o for o in options if any(fnmatch.fnmatch(o, p) for p in glob.include)
                       and not any(fnmatch.fnmatch(o, p) for p in glob.exclude)]
             return chosen or None
-        return [{"True": "true", "False": "false"}.get(str(v), str(v)) for v in sweep.sweep_string_iterator()]
+        values = itertools.islice(sweep.sweep_string_iterator(), MAX_COMPOSITIONS)  # range(0,10**6): a few
+        return [{"True": "true", "False": "false"}.get(str(v), str(v)) for v in values]
     except Exception:  # noqa: BLE001 -- interval() and other sweeps without a list of values
         return None
 
@@ -233,13 +235,15 @@ def precheck(command: str, args: Sequence[str]) -> None:
         return
     printing = bool(flags & {"-c", "--cfg"})  # --cfg shows the config, whatever its values
     with initialize_config_module(config_module="capsexp.conf", version_base="1.3"):
-        if multirun:  # a preset's own sweep (hydra.sweeper.params) unless the command line pins the key
-            try:
-                params = OmegaConf.select(_compose(fixed + [c[0] for c in choices], with_hydra=True),
-                                          "hydra.sweeper.params", default=None)
-            except UserError as exc:
-                where = f"in the job with {', '.join(c[0] for c in choices)}: " if choices else ""
-                raise UserError(f"{where}{exc}") from None
+        if multirun:
+            # a preset's own sweep (hydra.sweeper.params), read as Hydra's sweeper reads it: from
+            # the config of the non-swept overrides and the command line's hydra.sweeper.* ones;
+            # keys the command line sets win
+            sweeper = [o.input_line for o in parsed if o.key_or_group.startswith("hydra.sweeper.")
+                       and not o.is_sweep_override()]
+            # (Hydra composes this config first and stops there if it fails: so does this check)
+            params = OmegaConf.select(_compose(fixed + sweeper, with_hydra=True), "hydra.sweeper.params",
+                                      default=None)
             pinned = {o.key_or_group for o in plain}
             preset = _choices(parser.parse_override(f"{key}={value}") for key, value in (params or {}).items()
                               if key not in pinned)
@@ -247,8 +251,9 @@ def precheck(command: str, args: Sequence[str]) -> None:
                 return
             choices += preset
         first = [values[0] for values in choices]
-        jobs = [first] + [first[:k] + [v] + first[k + 1:] for k, values in enumerate(choices) for v in values[1:]]
-        for swept in jobs[:MAX_COMPOSITIONS]:
+        jobs = itertools.chain([first], (first[:k] + [v] + first[k + 1:]
+                                         for k, values in enumerate(choices) for v in values[1:]))
+        for swept in itertools.islice(jobs, MAX_COMPOSITIONS):
             try:
                 cfg = _compose(fixed + swept)
                 if not printing:
