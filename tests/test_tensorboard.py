@@ -85,3 +85,43 @@ def test_mean_abs_gradients_are_measured_only_for_the_next_flow_figure() -> None
     needed = [step for step in range(10, 210, 10) if monitor._flow_needs(step)]
     # the figure at step 100 draws the FLOW_LINES logging steps 30..100, the one at 200 draws 130..200
     assert needed == [*range(30, 101, 10), *range(130, 201, 10)] and FLOW_LINES == 8
+
+
+def test_figures_and_gradient_scalars_are_written_off_the_training_thread(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawing the grad_flow figure takes about a quarter of a second: never inside a training step."""
+    import threading
+
+    from capsexp import figures
+
+    threads: list[str] = []
+    real = figures.gradient_flow_figure
+
+    def recording(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(figures, "gradient_flow_figure", recording)
+    train(make_cfg("trainer.max_steps=4", "grads.figure_every_n_steps=2"), run_dir=tmp_path)
+    assert threads and all(name.startswith("capsexp-tensorboard") for name in threads)
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    # train() returned only after the logger's thread had written everything
+    assert [e.step for e in acc.Images("grad_flow")] == [2, 4]
+    assert [e.step for e in acc.Scalars("grad_norm/layer1")] == [1, 2, 3, 4]
+
+
+def test_a_failing_background_write_is_one_warning_not_a_crash(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    from capsexp.logger import RunLogger
+
+    logger = RunLogger(tmp_path)
+
+    def broken() -> None:
+        raise ValueError("no pixels")
+
+    logger.submit(broken, "the grad_flow figure at step 7")
+    logger.scalars({"x": 1.0}, 1)
+    logger.close()
+    assert "capsexp: WARNING could not write the grad_flow figure at step 7 to TensorBoard: no pixels" in \
+        capsys.readouterr().err

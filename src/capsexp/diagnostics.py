@@ -74,7 +74,7 @@ class GradientMonitor:
                 values[f"grad_rel_head/{stage}"] = norm / head
         for layer, norm in stats.layer_norm.items():
             values[f"grad_norm_layer/{layer}"] = norm
-        self.logger.scalars(values, step)
+        self.logger.submit(lambda: self.logger.scalars(values, step), f"gradient norms at step {step}")
         if stats.nonfinite:  # an fp16 overflow step (skipped) or a failing one: not in the run's medians
             return
         self.history.append({f"grad_norm/{k}": v for k, v in stats.stage_norm.items()} |
@@ -91,8 +91,10 @@ class GradientMonitor:
         if self.flow and self.logger.writer is not None:
             from capsexp.figures import gradient_flow_figure
 
-            self.logger.image("grad_flow", gradient_flow_figure(self.flow, f"gradient flow up to step {step}"),
-                              step, dataformats="HWC")
+            flow = list(self.flow)  # host values: drawn on the logger's thread while training goes on
+            self.logger.submit(lambda: self.logger.image(
+                "grad_flow", gradient_flow_figure(flow, f"gradient flow up to step {step}"), step,
+                dataformats="HWC"), f"the grad_flow figure at step {step}")
         for tag, grid in model.head.images(images, targets).items():
             self.logger.image(tag, grid, step)
 

@@ -5,8 +5,10 @@ Every scalar's x-axis is the global optimizer step (``step``), including validat
 
 from __future__ import annotations
 
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from torch import Tensor
@@ -15,10 +17,28 @@ from torch import Tensor
 class RunLogger:
     def __init__(self, log_dir: Path | None) -> None:
         self.writer = None
+        self._worker: ThreadPoolExecutor | None = None
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def submit(self, work: Callable[[], None], what: str) -> None:
+        """Run ``work`` on the logger's own thread, in order, so that rendering a figure (about a
+        quarter of a second) or writing a hundred scalars from values already on the host never
+        holds up a training step; on a GPU it overlaps the steps' device work. ``close`` waits for it."""
+        if self.writer is None:
+            return
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capsexp-tensorboard")
+        self._worker.submit(self._run, work, what)
+
+    @staticmethod
+    def _run(work: Callable[[], None], what: str) -> None:
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 -- a lost figure must not end a training run
+            print(f"capsexp: WARNING could not write {what} to TensorBoard: {exc}", file=sys.stderr, flush=True)
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if self.writer is None:
@@ -71,10 +91,9 @@ class RunLogger:
             file_writer.add_summary(summary)
         self.scalars(metrics, step)
 
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)  # what was submitted reaches the event file first
+            self._worker = None
         if self.writer is not None:
             self.writer.close()
