@@ -19,13 +19,13 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from capsexp.commandline import group_option
 from capsexp.config import validate
 from capsexp.engine import TrainState, train_step
 from capsexp.errors import UserError
@@ -115,8 +115,7 @@ def _check(cfg: DictConfig) -> None:
 
 def _group(group: str, option: str) -> DictConfig:
     """A config group option as composing ``<group>=<option>`` would give it (its own defaults aside)."""
-    text = (resources.files("capsexp.conf") / group / f"{option}.yaml").read_text()
-    node = OmegaConf.create(text)
+    node = group_option(group, option)
     # a _global_-package option (head=capsule) keeps its group under its own key
     return node[group] if group in node and "name" not in node else node
 

@@ -88,6 +88,11 @@ def group_options(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def group_option(group: str, option: str) -> DictConfig:
+    """The file of one option of a config group, as written (its own defaults list not applied)."""
+    return OmegaConf.load(str(_conf().joinpath(group, f"{option}.yaml")))
+
+
 def _config_groups() -> list[str]:
     return sorted(p.name for p in _conf().iterdir() if p.is_dir() and not p.name.startswith(("_", "hydra")))
 
@@ -106,7 +111,7 @@ def _key_hint(key: str, overrides: list[str]) -> str:
     group, _, rest = key.partition(".")
 
     def defines(option: str) -> bool:  # a group file is either in its package or global (# @package _global_)
-        conf = OmegaConf.load(str(_conf().joinpath(group, f"{option}.yaml")))
+        conf = group_option(group, option)
         return any(OmegaConf.select(conf, path, default=None) is not None for path in (rest, key) if path)
 
     owners = [option for option in group_options(group) if rest and defines(option)]

@@ -133,6 +133,16 @@ PER_OPTION: dict[str, list[Check]] = {
 }
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``{"a.b.c": value}``; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    return out
+
+
 def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, throw_on_missing=False, default="<absent>")
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from capsexp.runtime import Runtime, all_reduce_max, all_reduce_mean, all_reduce_sum, broadcast_buffers
+from capsexp.runtime import Runtime, all_reduce, all_reduce_mean, broadcast_buffers
 
 
 class Objective(nn.Module):
@@ -128,7 +128,7 @@ def evaluate(objective: nn.Module, loader: Iterable, rt: Runtime, limit: int | N
         correct += (scores.argmax(1) == targets).sum()
         seen += targets.numel()
     # sums, not per-rank means: under DDP the ranks may hold different numbers of samples
-    sums = all_reduce_sum(torch.stack([loss_sum, correct, seen.float()]), rt)
+    sums = all_reduce(torch.stack([loss_sum, correct, seen.float()]), rt, "sum")
     loss_total, correct_total, count = sums.tolist()  # note: one CPU-GPU sync per evaluation
     return {"val/loss": loss_total / max(count, 1), "val/acc": correct_total / max(count, 1)}
 
@@ -206,9 +206,7 @@ def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -
     loop.stop = stop  # a signal reached some rank: every rank ends after this same step
     if grad_bad and not loss_bad and loop.scaler.is_enabled():
         # fp16 overflow: the scaler's business. No update, no schedule step, a smaller scale
-        loop.optimizer.zero_grad(set_to_none=True)
-        loop.scaler.update()
-        state.skipped_steps += 1
+        _skip_update(loop, state)
         # a scale this small no longer means fp16 range: the gradients are not finite at any
         # scale (reading the scale is a host read, on overflow steps only)
         if loop.scaler.get_scale() < MIN_LOSS_SCALE:
@@ -241,9 +239,17 @@ def _step_flags(loop: Loop, loss: Tensor, total_norm: Tensor) -> tuple[bool, boo
     flags = torch.stack([(~torch.isfinite(loss.detach())).float(), (~torch.isfinite(total_norm)).float(),
                          torch.full((), received, device=total_norm.device)])
     if loop.rt.distributed:
-        all_reduce_max(flags, loop.rt)
+        all_reduce(flags, loop.rt, "max")
     loss_bad, grad_bad, stop = flags.tolist()
     return loss_bad > 0, grad_bad > 0, stop > 0
+
+
+def _skip_update(loop: Loop, state: TrainState) -> None:
+    """Drop this step's gradients; ``update()`` closes the step's ``unscale_`` (a smaller scale
+    after an fp16 overflow; a no-op when scaling is off). The schedule does not move."""
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.scaler.update()
+    state.skipped_steps += 1
 
 
 def _skipped(rt: Runtime) -> tuple[Tensor, Tensor, int]:
@@ -258,9 +264,7 @@ def _on_nonfinite(loop: Loop, state: TrainState, loss_bad: bool) -> None:
     step = state.step + 1  # the TensorBoard x-axis: this step, counted from 1
     what = "loss" if loss_bad else "gradient"
     if loop.trainer.on_nonfinite == "skip":
-        loop.optimizer.zero_grad(set_to_none=True)
-        loop.scaler.update()  # closes this step's unscale_ (fp16); a no-op when scaling is off
-        state.skipped_steps += 1
+        _skip_update(loop, state)
         loop.logger.scalars({"train/skipped_steps": state.skipped_steps}, step)
         print(f"capsexp: non-finite {what} at step {step} (first stage: {stage}); update skipped "
               f"({state.skipped_steps} so far).", file=sys.stderr, flush=True)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
+from capsexp.config import flatten
 from capsexp.errors import UserError
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "adapter", "head")
@@ -72,16 +73,6 @@ def parse_overrides(items: Iterable[Any]) -> dict[str, str]:
         key = key.lstrip("+~").split("@")[0]
         if sep and key not in IGNORED_KEYS:
             out[key] = value
-    return out
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as ``{"a.b.c": value}``; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}{key}."))
     return out
 
 

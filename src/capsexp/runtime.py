@@ -149,12 +149,11 @@ def prepare_model(model: nn.Module, rt: Runtime, compile_model: bool
         # no device_ids: inputs are already on this rank's device (Runtime.to_device), and DDP
         # would otherwise also copy the step's CPU-side ``progress`` scalar to the GPU
         runnable = DistributedDataParallel(model, device_ids=None)
-    evaluator: nn.Module = model
     if compile_model:
         runnable = torch.compile(runnable)
-        evaluator = torch.compile(model) if rt.distributed else runnable
-    elif not rt.distributed:
-        evaluator = runnable
+    evaluator = runnable
+    if rt.distributed:
+        evaluator = torch.compile(model) if compile_model else model
     return runnable, evaluator, model
 
 
@@ -166,17 +165,10 @@ def all_reduce_mean(value: Tensor, rt: Runtime) -> Tensor:
     return value
 
 
-def all_reduce_sum(value: Tensor, rt: Runtime) -> Tensor:
-    """In place: the element-wise sum over all ranks (a no-op in one process)."""
+def all_reduce(value: Tensor, rt: Runtime, op: str = "sum") -> Tensor:
+    """In place: the element-wise ``sum`` or ``max`` over all ranks (a no-op in one process)."""
     if rt.distributed:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
-
-
-def all_reduce_max(value: Tensor, rt: Runtime) -> Tensor:
-    """In place: the element-wise maximum over all ranks (a no-op in one process)."""
-    if rt.distributed:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        dist.all_reduce(value, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return value
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from capsexp import __version__
 from capsexp.checkpoint import link_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
-from capsexp.config import validate
+from capsexp.config import flatten, validate
 from capsexp.data import build_datasets, build_loaders
 from capsexp.diagnostics import GradientMonitor
 from capsexp.engine import Loop, Objective, SignalGuard, StopTraining, TrainState, evaluate, train_one_epoch
@@ -271,7 +271,7 @@ def _finish(cfg: DictConfig, run_dir: Path, loop: Loop, state: TrainState, val: 
     }
     if not loop.rt.is_main:
         return metrics
-    hparams = {k: v for k, v in _flat(OmegaConf.to_container(cfg, resolve=True)).items()
+    hparams = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
                if not k.startswith("hydra")}
     numeric = {f"summary/{k}": float(v) for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -284,15 +284,6 @@ def _finish(cfg: DictConfig, run_dir: Path, loop: Loop, state: TrainState, val: 
     os.replace(tmp, run_dir / METRICS_FILE)
     _print_summary(cfg, metrics, grads)
     return metrics
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
 
 
 def _print_summary(cfg: DictConfig, metrics: dict[str, Any], grads: dict[str, float]) -> None:
