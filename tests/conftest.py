@@ -38,10 +38,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
-    """The composed config, as ``capsexp train`` would see it, with the tiny settings first."""
+def make_cfg(*overrides: str, tiny: bool = True, config_name: str = "config") -> DictConfig:
+    """The composed config, as ``capsexp train`` would see it (``config_name="bench"``: as
+    ``capsexp bench`` would), with the tiny settings first."""
     with initialize_config_module(config_module="capsexp.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=[*(TINY if tiny else []), *overrides])
+        return compose(config_name=config_name, overrides=[*(TINY if tiny else []), *overrides])
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None

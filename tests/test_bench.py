@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 
 from capsexp.bench import PeakMemory, format_table, num_classes, plan, variant
 from capsexp.errors import UserError
@@ -24,8 +25,13 @@ ROW_KEYS = {"name", "head", "adapter", "routing_iterations", "input_capsules", "
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def bench_cfg(*overrides: str) -> DictConfig:
+    """The config ``capsexp bench`` composes: the training config plus the ``bench`` group."""
+    return make_cfg(*overrides, config_name="bench")
+
+
 def test_the_default_plan_covers_heads_adapters_routing_and_diagnostics() -> None:
-    cfg = make_cfg()
+    cfg = bench_cfg()
     rows = plan(cfg)
     assert [r.name for r in rows] == ALL_ROWS
     for row in rows:
@@ -38,12 +44,12 @@ def test_the_default_plan_covers_heads_adapters_routing_and_diagnostics() -> Non
         assert grads.enabled == (row.grads != "off")
         if row.grads == "every":
             assert grads.log_every_n_steps == 1 and grads.per_layer
-    assert make_cfg().head.name == "fc"  # the user's config is never changed
+    assert bench_cfg().head.name == "fc"  # the user's config is never changed
 
 
 def test_derived_configs_keep_the_users_group_settings() -> None:
-    cfg = make_cfg("head=capsule", "head.primary.types=8", "head.routing.iterations=2", "adapter=conv",
-                   "adapter.width=64", "loss=spread", "trainer.precision=bf16")
+    cfg = bench_cfg("head=capsule", "head.primary.types=8", "head.routing.iterations=2", "adapter=conv",
+                    "adapter.width=64", "loss=spread", "trainer.precision=bf16")
     rows = {r.name: r for r in plan(cfg)}
     assert "capsule-conv-r2-grads-off" in rows  # diagnostics rows use the user's routing iterations
     caps = variant(cfg, rows["capsule-conv-r1"])
@@ -55,25 +61,25 @@ def test_derived_configs_keep_the_users_group_settings() -> None:
 
 def test_input_capsules_grow_with_the_feature_map_area() -> None:
     for size, side in ((32, 1), (64, 2), (128, 4)):
-        cfg = variant(make_cfg(f"data.image_size={size}"), plan(make_cfg())[1])  # capsule-none-r1
+        cfg = variant(bench_cfg(f"data.image_size={size}"), plan(bench_cfg())[1])  # capsule-none-r1
         head = build_model(cfg, num_classes(cfg)).head
         assert head.primary.num_capsules == 32 * side * side  # I = types x h x w
 
 
 def test_rows_select_by_name_and_bad_values_are_one_sentence() -> None:
-    assert [r.name for r in plan(make_cfg("bench.rows=[fc-grads-off,fc]"))] == ["fc-grads-off", "fc"]
-    assert [r.name for r in plan(make_cfg("bench.rows=capsule-conv-r3"))] == ["capsule-conv-r3"]  # one name
-    assert [r.name for r in plan(make_cfg("bench.diagnostics=false", "bench.adapters=[conv]",
-                                          "bench.routing_iterations=[3]"))] == ["fc", "capsule-conv-r3"]
+    assert [r.name for r in plan(bench_cfg("bench.rows=[fc-grads-off,fc]"))] == ["fc-grads-off", "fc"]
+    assert [r.name for r in plan(bench_cfg("bench.rows=capsule-conv-r3"))] == ["capsule-conv-r3"]  # one name
+    assert [r.name for r in plan(bench_cfg("bench.diagnostics=false", "bench.adapters=[conv]",
+                                           "bench.routing_iterations=[3]"))] == ["fc", "capsule-conv-r3"]
     with pytest.raises(UserError, match="bench.rows names 'fc-fast'"):
-        plan(make_cfg("bench.rows=[fc-fast]"))
+        plan(bench_cfg("bench.rows=[fc-fast]"))
     from capsexp.bench import bench
 
     for overrides, key in ((["bench.steps=0"], "bench.steps=0"), (["bench.adapters=[mlp]"], "bench.adapters"),
                            (["bench.routing_iterations=[0]"], "bench.routing_iterations"),
                            (["bench.heads=false", "bench.diagnostics=false"], "no rows")):
         with pytest.raises(UserError, match=key):
-            bench(make_cfg(*overrides), run_dir=Path("/nonexistent"))
+            bench(bench_cfg(*overrides), run_dir=Path("/nonexistent"))
 
 
 def test_cpu_peak_memory_sees_a_short_lived_allocation() -> None:
@@ -140,8 +146,8 @@ def test_diagnostics_rows_share_one_model_and_take_turns_in_blocks(tmp_path: Pat
 
     monkeypatch.setattr(diagnostics.GradientMonitor, "__init__", init)
     monkeypatch.setattr(bench_module, "train_step", step)
-    cfg = make_cfg("head=fc", "backbone.freeze_depth=4", "bench.warmup_steps=1", "bench.steps=5",
-                   "grads.log_every_n_steps=2", "grads.figure_every_n_steps=0")
+    cfg = bench_cfg("head=fc", "backbone.freeze_depth=4", "bench.warmup_steps=1", "bench.steps=5",
+                    "grads.log_every_n_steps=2", "grads.figure_every_n_steps=0")
     rows = [r for r in plan(cfg) if r.base == "fc"]
     assert [r.name for r in rows] == ["fc", "fc-grads-off", "fc-grads-every"]
     results = bench_module.time_rows([variant(cfg, r) for r in rows], setup_runtime(cfg.trainer), 8, tmp_path)

@@ -9,13 +9,31 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torchvision.transforms import v2
 
 from capsexp.capsules import dynamic_routing, squash
-from capsexp.models.capsule_head import INACTIVE_LENGTH, CapsuleHead, reconstruction_target
+from capsexp.data import IMAGENET_MEAN, IMAGENET_STD
+from capsexp.models.capsule_head import INACTIVE_LENGTH, reconstruction_target
+from capsexp.models.capsule_head import CapsuleHead as _CapsuleHead
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 HEAD_YAML = SRC / "capsexp" / "conf" / "head" / "capsule.yaml"
 SMALL = dict(primary_types=4, primary_dim=4, class_dim=6)
+
+
+def _defaults() -> dict:
+    """The constructor's keyword arguments as the shipped YAML sets them (defaults live there only)."""
+    cfg = OmegaConf.load(HEAD_YAML).head  # a global-package file: the group sits under `head:`
+    primary, routing, decoder = cfg.primary, cfg.routing, cfg.decoder
+    return dict(primary_types=primary.types, primary_dim=primary.dim, kernel_size=primary.kernel_size,
+                stride=primary.stride, pooled=primary.pooled, class_dim=cfg.class_dim, init_std=cfg.init_std,
+                share_weights=cfg.share_weights, routing_iterations=routing.iterations,
+                routing_detach=routing.detach, reconstruction=False, decoder_hidden=tuple(decoder.hidden),
+                decoder_image_size=decoder.image_size)
+
+
+def CapsuleHead(in_channels: int, size: tuple[int, int], classes: int, **options: object) -> _CapsuleHead:
+    return _CapsuleHead(in_channels, size, classes, **{**_defaults(), **options})
 
 
 def _features(batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -39,7 +57,7 @@ def _features(batch: int, channels: int, size: int, seed: int = 0) -> torch.Tens
 def test_output_shape_and_weight_shape(size: int, options: dict, inputs: int) -> None:
     torch.manual_seed(0)
     head = CapsuleHead(8, (size, size), 5, **SMALL, **options)
-    scores = head(_features(3, 8, size))
+    scores = head(_features(3, 8, size)).scores
     assert scores.shape == (3, 5)
     assert ((scores >= 0) & (scores < 1)).all()
     assert head.primary.num_capsules == inputs
@@ -63,12 +81,12 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-def _allocations(batch: int, **options: object) -> tuple[_Allocations, CapsuleHead]:
+def _allocations(batch: int, **options: object) -> tuple[_Allocations, _CapsuleHead]:
     torch.manual_seed(0)
     head = CapsuleHead(64, (7, 7), 10, primary_types=8, primary_dim=8, class_dim=16, **options)
     features = _features(batch, 64, 7)
     with _Allocations() as record:
-        head(features).sum().backward()
+        head(features).scores.sum().backward()
     return record, head
 
 
@@ -104,7 +122,7 @@ def test_scores_match_a_manual_forward() -> None:
                     u_hat[b, p * 2 + t, j] = w[p * 2 + t, j] @ u_i
     v = dynamic_routing(u_hat, 3)
     expected = torch.sqrt((v**2).sum(-1) + 1e-8)
-    torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head(x).scores, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_shared_weights_equal_unshared_weights_repeated_over_positions() -> None:
@@ -116,7 +134,7 @@ def test_shared_weights_equal_unshared_weights_repeated_over_positions() -> None
         # Capsule i = position * types + type uses the type's matrix.
         unshared.class_caps.weight.copy_(shared.class_caps.weight.repeat(9, 1, 1, 1))
     x = _features(2, 6, 3)
-    torch.testing.assert_close(shared(x), unshared(x))
+    torch.testing.assert_close(shared(x).scores, unshared(x).scores)
 
 
 def test_pooled_primary_capsules_average_over_positions() -> None:
@@ -134,9 +152,9 @@ def test_gradient_reaches_every_parameter(detach: bool) -> None:
                        decoder_hidden=(16, 32), decoder_image_size=8)
     images = torch.randn(3, 3, 32, 32)
     targets = torch.tensor([0, 3, 4])
-    scores = head(_features(3, 8, 2))
-    aux = head.auxiliary_loss(images, targets)
-    (scores.sum() + aux).backward()
+    out = head(_features(3, 8, 2))
+    aux, _ = head.auxiliary_loss(out, images, targets)
+    (out.scores.sum() + aux).backward()
     for name, param in head.named_parameters():
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name
@@ -147,8 +165,9 @@ def test_telemetry_keys_and_values() -> None:
     torch.manual_seed(0)
     head = CapsuleHead(8, (2, 2), 5, **SMALL, routing_iterations=3)
     targets = torch.tensor([1, 2])
-    scores = head(_features(2, 8, 2))
-    stats = head.telemetry(targets)
+    out = head(_features(2, 8, 2))
+    scores = out.scores
+    stats = head.telemetry(out, targets)
     expected_keys = {f"capsule/coupling_entropy/iter{k}" for k in (1, 2, 3)} | {
         "capsule/true_class_length",
         "capsule/other_class_length",
@@ -174,18 +193,21 @@ def test_reconstruction_loss_and_grid() -> None:
                        decoder_hidden=(16,), decoder_image_size=8)
     images = torch.randn(10, 3, 32, 32)
     targets = torch.arange(10) % 4
-    head(_features(10, 8, 1))
-    grid_before_loss = head.images(images, targets)["capsule/reconstruction"]
-    loss = head.auxiliary_loss(images, targets)
+    out = head(_features(10, 8, 1))
+    loss, visuals = head.auxiliary_loss(out, images, targets)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
-    grid = head.images(images, targets)["capsule/reconstruction"]
+    grid = head.images(visuals)["capsule/reconstruction"]
     # 8 inputs above 8 reconstructions, 8x8 images with 2 px padding.
     assert grid.shape == (3, 2 + 2 * 10, 2 + 8 * 10)
     assert grid.min() >= 0 and grid.max() <= 1
-    torch.testing.assert_close(grid, grid_before_loss)
+    # the top row is the targets, the bottom row the reconstructions the loss compared them with
+    torch.testing.assert_close(grid[:, 2:10, 2:10], reconstruction_target(images[:1], 8)[0])
+    torch.testing.assert_close(grid[:, 12:20, 2:10], visuals["reconstruction"][0].clamp(0, 1))
+    # the same values give the same grid, in any order and as often as asked
+    torch.testing.assert_close(head.images(visuals)["capsule/reconstruction"], grid)
 
 
-def _decoder_inputs(head: CapsuleHead) -> list[torch.Tensor]:
+def _decoder_inputs(head: _CapsuleHead) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     head.decoder[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
     return seen
@@ -204,11 +226,12 @@ def test_reconstruction_loss_formula_and_mask(training: bool) -> None:
     head.train(training)
     images = torch.rand(5, 3, 12, 12)
     targets = torch.tensor([0, 1, 2, 3, 1])
-    scores = head(_features(5, 8, 1))
+    out = head(_features(5, 8, 1))
+    scores = out.scores
     seen = _decoder_inputs(head)
-    loss = head.auxiliary_loss(images, targets)
+    loss, _ = head.auxiliary_loss(out, images, targets)
 
-    v = head._latest()["v"].detach()
+    v = out.extras["v"].detach()
     keep = targets if training else scores.argmax(dim=1)
     masked = torch.zeros_like(v)
     masked[torch.arange(5), keep] = v[torch.arange(5), keep]
@@ -217,7 +240,7 @@ def test_reconstruction_loss_formula_and_mask(training: bool) -> None:
     expected = ((recon - reconstruction_target(images, size)) ** 2).sum(dim=(1, 2, 3)).mean()
     torch.testing.assert_close(loss, expected)
     # in evaluation the labels do not reach the decoder at all
-    other = head.auxiliary_loss(images, (targets + 1) % classes)
+    other, _ = head.auxiliary_loss(out, images, (targets + 1) % classes)
     assert len(seen) == 3  # the loss, the hand-made decode above, the loss with other labels
     if training:
         assert not torch.equal(seen[2], seen[0])
@@ -226,21 +249,27 @@ def test_reconstruction_loss_formula_and_mask(training: bool) -> None:
         torch.testing.assert_close(other, loss)
 
 
-def test_reconstruction_target_is_min_max_of_the_area_downsample() -> None:
-    images = torch.randn(2, 3, 4, 4)
-    target = reconstruction_target(images, 2)
-    pooled = torch.nn.functional.avg_pool2d(images, 2)
-    for b in range(2):
-        expected = (pooled[b] - pooled[b].min()) / (pooled[b].max() - pooled[b].min())
-        torch.testing.assert_close(target[b], expected)
+def test_reconstruction_target_undoes_the_pipeline_normalisation() -> None:
+    # a known [0, 1] image through the data pipeline's own normalisation comes back unchanged
+    image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    image[0, 0] = 0.0  # a channel that min-max per image could not recover
+    image[1, 2] = 1.0
+    normalise = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    normalised = torch.stack([normalise(x) for x in image])
+    torch.testing.assert_close(reconstruction_target(normalised, 8), image, rtol=0, atol=1e-6)
+    # smaller: the area average of the original; out-of-range values are clamped first
+    pooled = torch.nn.functional.avg_pool2d(image, 2)
+    torch.testing.assert_close(reconstruction_target(normalised, 4), pooled, rtol=0, atol=1e-6)
+    outside = normalise(torch.full((3, 4, 4), 2.0)).unsqueeze(0)
+    assert torch.equal(reconstruction_target(outside, 2), torch.ones(1, 3, 2, 2))
 
 
 def test_no_reconstruction_hooks_are_empty() -> None:
     head = CapsuleHead(8, (1, 1), 3, **SMALL)
-    head(_features(2, 8, 1))
+    out = head(_features(2, 8, 1))
     assert head.decoder is None
-    assert head.auxiliary_loss(torch.randn(2, 3, 8, 8), torch.tensor([0, 1])) is None
-    assert head.images(torch.randn(2, 3, 8, 8), torch.tensor([0, 1])) == {}
+    assert head.auxiliary_loss(out, torch.randn(2, 3, 8, 8), torch.tensor([0, 1])) is None
+    assert head.images({}) == {}
 
 
 def test_bf16_autocast_on_cpu() -> None:
@@ -250,9 +279,10 @@ def test_bf16_autocast_on_cpu() -> None:
     images = torch.randn(2, 3, 16, 16)
     targets = torch.tensor([0, 4])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        scores = head(_features(2, 8, 2))
-        aux = head.auxiliary_loss(images, targets)
-        stats = head.telemetry(targets)
+        out = head(_features(2, 8, 2))
+        scores = out.scores
+        aux, _ = head.auxiliary_loss(out, images, targets)
+        stats = head.telemetry(out, targets)
     assert torch.isfinite(scores).all() and torch.isfinite(aux)
     assert all(torch.isfinite(v) for v in stats.values())
     (scores.float().sum() + aux).backward()
@@ -261,29 +291,35 @@ def test_bf16_autocast_on_cpu() -> None:
 
 def test_from_config_reads_the_shipped_yaml() -> None:
     cfg = OmegaConf.load(HEAD_YAML).head  # a global-package file: the group sits under `head:`
-    head = CapsuleHead.from_config(cfg, in_channels=16, feature_size=(2, 2), num_classes=3,
+    head = _CapsuleHead.from_config(cfg, in_channels=16, feature_size=(2, 2), num_classes=3,
                                    reconstruction=True)
     assert head.class_caps.weight.shape == (2 * 2 * 32, 3, 16, 8)
     assert head.routing_iterations == 3 and head.decoder is not None
-    assert head(_features(1, 16, 2)).shape == (1, 3)
+    assert head(_features(1, 16, 2)).scores.shape == (1, 3)
 
 
 @pytest.mark.parametrize(
-    ("options", "key"),
+    ("override", "key"),
     [
-        ({"primary_types": 0}, "head.primary.types"),
-        ({"primary_dim": 0}, "head.primary.dim"),
-        ({"kernel_size": 0}, "head.primary.kernel_size"),
-        ({"stride": 0}, "head.primary.stride"),
-        ({"class_dim": 0}, "head.class_dim"),
-        ({"routing_iterations": 0}, "head.routing.iterations"),
-        ({"init_std": 0.0}, "head.init_std"),
-        ({"reconstruction": True, "decoder_image_size": 0}, "head.decoder.image_size"),
+        ("head.primary.types=0", "head.primary.types"),
+        ("head.primary.dim=0", "head.primary.dim"),
+        ("head.primary.kernel_size=0", "head.primary.kernel_size"),
+        ("head.primary.stride=0", "head.primary.stride"),
+        ("head.class_dim=0", "head.class_dim"),
+        ("head.routing.iterations=0", "head.routing.iterations"),
+        ("head.init_std=0.0", "head.init_std"),
+        ("head.decoder.image_size=0", "head.decoder.image_size"),
+        ("head.decoder.hidden=[16,0]", "head.decoder.hidden"),
     ],
 )
-def test_impossible_settings_raise(options: dict, key: str) -> None:
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        CapsuleHead(8, (1, 1), 3, **options)
+def test_impossible_settings_are_refused_by_the_config_check(override: str, key: str) -> None:
+    from conftest import make_cfg
+
+    from capsexp.config import validate
+    from capsexp.errors import UserError
+
+    with pytest.raises(UserError, match=rf"^{key.replace('.', r'[.]')}=.* is not allowed; it must be "):
+        validate(make_cfg("head=capsule", override))
 
 
 def test_wrong_feature_size_raises() -> None:
@@ -292,7 +328,12 @@ def test_wrong_feature_size_raises() -> None:
         head(_features(1, 8, 3))
 
 
-def test_hooks_before_forward_raise() -> None:
-    head = CapsuleHead(8, (1, 1), 3, **SMALL)
-    with pytest.raises(RuntimeError, match="forward"):
-        head.telemetry(torch.tensor([0]))
+def test_optional_methods_read_only_the_values_they_are_given() -> None:
+    # no state from the latest forward: telemetry of an earlier output stays that output's
+    torch.manual_seed(0)
+    head = CapsuleHead(8, (2, 2), 3, **SMALL)
+    targets = torch.tensor([0, 2])
+    first, second = head(_features(2, 8, 2, seed=1)), head(_features(2, 8, 2, seed=2))
+    late = head.telemetry(first, targets)["capsule/true_class_length"]
+    torch.testing.assert_close(late, first.scores[[0, 1], [0, 2]].mean())
+    assert not torch.equal(late, head.telemetry(second, targets)["capsule/true_class_length"])

@@ -57,6 +57,28 @@ def test_squash_finite_output_and_gradient_at_zero() -> None:
     assert s.grad is not None and torch.isfinite(s.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_squash_of_a_zero_half_precision_vector_is_zero(dtype: torch.dtype) -> None:
+    out = squash(torch.zeros(3, 8, dtype=dtype))
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all() and (out == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_squash_matches_the_float32_formula(dtype: torch.dtype) -> None:
+    # lengths from 1e-3 to 1e3: the squared length of the longest overflows float16 (max 65504)
+    scale = torch.logspace(-3, 3, 64, dtype=torch.float64).unsqueeze(1)
+    s = (torch.randn(64, 8, generator=_generator(5), dtype=torch.float64) * scale).to(dtype)
+    wide = s.double()
+    norm = torch.linalg.vector_norm(wide, dim=-1, keepdim=True)
+    expected = norm**2 / (1 + norm**2) * wide / norm
+    out = squash(s)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    # one rounding of each output element to the half-precision type, no more
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * 1e-3)
+
+
 # --------------------------------------------------------------------------------- routing
 
 

@@ -25,7 +25,8 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
     if group == "data" and option == "imagefolder":
         overrides.append("data.root=/somewhere")
-    cfg = make_cfg(*overrides, tiny=group != "data")  # tiny sets shapes-only keys
+    # tiny sets shapes-only keys; the bench group belongs to capsexp bench's config only
+    cfg = make_cfg(*overrides, tiny=group != "data", config_name="bench" if group == "bench" else "config")
     assert cfg[group].name == option if "name" in cfg[group] else True
     validate(cfg)
 

@@ -1,4 +1,5 @@
-"""Tests for capsexp.data: procedural shapes, its disk cache, image folders, errors and loaders."""
+"""Tests for capsexp.data and capsexp.shapes: procedural shapes, their checksummed cache, the data
+group's config checks, image-folder layouts and loaders (decoding and bad files: test_imagefolder.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from capsexp import data
-from capsexp.data import (IMAGENET_MEAN, IMAGENET_STD, SHAPES_CLASSES, DataError, ShapesDataset,
-                          build_datasets, build_loaders, build_transform, render_shapes)
+from capsexp import data, shapes
+from capsexp.config import validate
+from capsexp.data import build_datasets, build_loaders, build_transform
+from capsexp.errors import UserError
+from capsexp.shapes import IMAGENET_MEAN, IMAGENET_STD, SHAPES_CLASSES, ShapesDataset, render_shapes
+from conftest import make_cfg
 
 CONF = Path(data.__file__).parent / "conf" / "data"
 N_CLASSES = len(SHAPES_CLASSES)
@@ -123,17 +127,38 @@ def test_shapes_cache_written_then_reused(tmp_path: Path, monkeypatch: pytest.Mo
     def no_render(*args: object) -> torch.Tensor:
         raise AssertionError("rendered although a valid cache exists")
 
-    monkeypatch.setattr(data, "render_shapes", no_render)
+    monkeypatch.setattr(shapes, "render_shapes", no_render)
     second = ShapesDataset("train", 10, 32, seed=3, cache_dir=tmp_path)
     assert torch.equal(first.images, second.images)
 
 
-def test_shapes_corrupt_cache_is_rendered_again(tmp_path: Path) -> None:
+def test_shapes_corrupt_cache_is_rendered_again(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     first = ShapesDataset("val", 10, 32, seed=0, cache_dir=tmp_path)
     first.cache_path.write_bytes(b"not a tensor file")
     again = ShapesDataset("val", 10, 32, seed=0, cache_dir=tmp_path)
     assert torch.equal(first.images, again.images)
     assert torch.equal(torch.load(again.cache_path, weights_only=True)["images"], first.images)
+    assert f"the shapes cache '{first.cache_path}' is unreadable" in capsys.readouterr().err
+
+
+def test_shapes_cache_with_a_flipped_byte_is_rendered_again(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = data_cfg("shapes", train_size=10, val_size=8, image_size=32, root=str(tmp_path))
+    path = build_datasets(cfg, seed=0)[0].cache_path
+    clean = render_shapes("train", 10, 32, 0)
+    raw = bytearray(path.read_bytes())
+    offset = bytes(raw).find(clean.numpy().tobytes()[:256])  # where the pixels sit in the file
+    assert offset > 0
+    raw[offset + 1000] ^= 0x01
+    path.write_bytes(bytes(raw))
+    # torch.load itself notices nothing: the damaged pixels would be trained on
+    assert not torch.equal(torch.load(path, weights_only=True)["images"], clean)
+    capsys.readouterr()
+    again = build_datasets(cfg, seed=0)[0]
+    assert torch.equal(again.images, clean)
+    assert f"capsexp: WARNING the shapes cache '{path}' does not match its checksum" in capsys.readouterr().err
+    # rewritten: the next build reads it silently and gets the clean render
+    assert torch.equal(build_datasets(cfg, seed=0)[0].images, clean)
+    assert capsys.readouterr().err == ""
 
 
 def test_shapes_default_cache_under_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,26 +174,40 @@ def test_build_datasets_shapes(tmp_path: Path) -> None:
     assert train[0][0].shape == (3, 32, 32)
 
 
-# ---------------------------------------------------------------- config errors
+# ---------------------------------------------------------------- config checks
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    ({"name": "imagenet"}, "data.name"),
-    ({"image_size": 0}, "data.image_size"),
-    ({"image_size": "big"}, "data.image_size"),
-    ({"batch_size": -1}, "data.batch_size"),
-    ({"train_size": 0}, "data.train_size"),
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.image_size=31"], "data.image_size=31 is not allowed; it must be an integer >= 32 (pixels)."),
+    (["data.image_size=big"], "data.image_size='big' is not allowed; it must be an integer >= 32 (pixels)."),
+    (["data.batch_size=-1"], "data.batch_size=-1 is not allowed; it must be a positive integer."),
+    (["data.num_workers=-1"], "data.num_workers=-1 is not allowed; it must be an integer >= 0."),
+    (["data.train_size=0"], "data.train_size=0 is not allowed; it must be a positive integer."),
+    (["data.download=maybe"], "data.download='maybe' is not allowed; it must be true or false."),
+    (["data=imagefolder", "data.root=/x", "data.val_fraction=1.5"],
+     "data.val_fraction=1.5 is not allowed; it must be in (0, 1)."),
+    (["data=imagefolder", "data.root=/x", "data.on_bad_image=ignore"],
+     "data.on_bad_image='ignore' is not allowed; it must be stop or skip."),
+    (["data=imagefolder"], "data.root is required for data=imagefolder; pass data.root=/path/to/images."),
+    (["data=cifar10", "data.root=null"],
+     "data.root is not set; point it at the dataset folder, e.g. data.root=/data/x."),
 ])
-def test_bad_config_names_the_key(overrides: dict, key: str) -> None:
-    with pytest.raises(DataError, match=key) as err:
-        build_datasets(data_cfg("shapes", **overrides), seed=0)
-    if key == "data.name":
-        assert "'imagenet'" in str(err.value) and "cifar10" in str(err.value)
+def test_bad_data_config_is_one_sentence_naming_the_key(overrides: list[str], message: str) -> None:
+    cfg = make_cfg(*overrides, tiny=not overrides[0].startswith("data="))  # tiny sets shapes-only keys
+    with pytest.raises(UserError) as err:
+        validate(cfg)
+    assert str(err.value) == message
+
+
+def test_smallest_image_size_is_accepted_and_used() -> None:
+    validate(make_cfg(f"data.image_size={data.MIN_IMAGE_SIZE}"))
+    validate(make_cfg("data=imagefolder", "data.root=/x", f"data.image_size={data.MIN_IMAGE_SIZE}", tiny=False))
+    assert data.MIN_IMAGE_SIZE == 32
 
 
 def test_missing_cifar10_without_download(tmp_path: Path) -> None:
     cfg = data_cfg("cifar10", root=str(tmp_path / "cifar10"), download=False)
-    with pytest.raises(DataError, match="data.download=true") as err:
+    with pytest.raises(UserError, match="data.download=true") as err:
         build_datasets(cfg, seed=0)
     assert str(err.value).startswith("data.root: no CIFAR-10 found at")
 
@@ -190,13 +229,13 @@ def test_grey_scale_becomes_three_channels(name: str) -> None:
 
 def test_imagefolder_flat_root_is_split_by_seed(tmp_path: Path) -> None:
     make_folder(tmp_path, {"cats": 4, "dogs": 4})
-    cfg = data_cfg("imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.25)
+    cfg = data_cfg("imagefolder", root=str(tmp_path), image_size=32, val_fraction=0.25)
     train, val, num_classes = build_datasets(cfg, seed=0)
     assert (num_classes, len(train), len(val)) == (2, 6, 2)
     assert sorted(val[i][1] for i in range(len(val))) == [0, 1]  # every class reaches validation
     for ds in (train, val):
         image, label = ds[0]
-        assert image.shape == (3, 16, 16) and label in (0, 1)
+        assert image.shape == (3, 32, 32) and label in (0, 1)
         assert unnormalise(image).min() >= -1e-5 and unnormalise(image).max() <= 1 + 1e-5
     again, _, _ = build_datasets(cfg, seed=0)
     assert train.indices == again.indices
@@ -205,9 +244,9 @@ def test_imagefolder_flat_root_is_split_by_seed(tmp_path: Path) -> None:
 def test_imagefolder_train_val_layout(tmp_path: Path) -> None:
     make_folder(tmp_path / "train", {"a": 2, "b": 2, "c": 2})
     make_folder(tmp_path / "val", {"a": 1, "b": 1, "c": 1})
-    train, val, num_classes = build_datasets(data_cfg("imagefolder", root=str(tmp_path), image_size=12), 0)
+    train, val, num_classes = build_datasets(data_cfg("imagefolder", root=str(tmp_path), image_size=32), 0)
     assert (num_classes, len(train), len(val)) == (3, 6, 3)
-    assert val[2][0].shape == (3, 12, 12) and val[2][1] == 2
+    assert val[2][0].shape == (3, 32, 32) and val[2][1] == 2
 
 
 @pytest.mark.parametrize(("layout", "words"), [
@@ -215,7 +254,7 @@ def test_imagefolder_train_val_layout(tmp_path: Path) -> None:
     ("empty", "no class subfolders"),
     ("one_class", "only one class folder ('cats')"),
     ("empty_class", "hold no images"),
-    ("unset", "not set"),
+    ("hidden_only", "hold no images"),
 ])
 def test_imagefolder_errors_name_data_root(tmp_path: Path, layout: str, words: str) -> None:
     root = tmp_path / "images"
@@ -226,8 +265,12 @@ def test_imagefolder_errors_name_data_root(tmp_path: Path, layout: str, words: s
     elif layout == "empty_class":
         make_folder(root, {"cats": 2})
         (root / "dogs").mkdir()
-    cfg = data_cfg("imagefolder") if layout == "unset" else data_cfg("imagefolder", root=str(root))
-    with pytest.raises(DataError, match="data.root") as err:
+    elif layout == "hidden_only":  # a macOS fork and a hidden file are not images of the class
+        make_folder(root, {"cats": 2, "dogs": 1})
+        (root / "dogs" / "0.png").rename(root / "dogs" / "._0.png")
+        (root / "dogs" / ".thumb.png").write_bytes((root / "dogs" / "._0.png").read_bytes())
+    cfg = data_cfg("imagefolder", root=str(root))
+    with pytest.raises(UserError, match="data.root") as err:
         build_datasets(cfg, seed=0)
     assert words in str(err.value)
 
@@ -236,7 +279,7 @@ def test_imagefolder_errors_name_data_root(tmp_path: Path, layout: str, words: s
 
 
 def small_shapes(tmp_path: Path, batch_size: int = 4, num_workers: int = 0) -> tuple:
-    cfg = data_cfg("shapes", train_size=18, val_size=6, image_size=16, root=str(tmp_path),
+    cfg = data_cfg("shapes", train_size=18, val_size=6, image_size=32, root=str(tmp_path),
                    batch_size=batch_size, num_workers=num_workers)
     train, val, _ = build_datasets(cfg, seed=0)
     return cfg, train, val
@@ -272,7 +315,7 @@ def test_loader_options_passed_through(tmp_path: Path) -> None:
 
 def test_batch_larger_than_train_set(tmp_path: Path) -> None:
     cfg, train, val = small_shapes(tmp_path, batch_size=32)
-    with pytest.raises(DataError, match="data.batch_size"):
+    with pytest.raises(UserError, match="data.batch_size"):
         build_loaders(cfg, train, val, seed=0)
 
 

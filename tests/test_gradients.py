@@ -163,6 +163,35 @@ def test_per_layer_false_keeps_stage_values(resnet_stages: dict[str, nn.Module])
     assert lean.total == pytest.approx(full.total)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_any_float_dtype_matches_vector_norm(dtype: torch.dtype) -> None:
+    stages = {name: stage.to(dtype) for name, stage in tiny_stages().items()}
+    gen = torch.Generator().manual_seed(4)
+    for stage in stages.values():
+        for p in stage.parameters():
+            # 300 per element: its square overflows float16 (max 65504), the norms do not
+            p.grad = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * 300).to(dtype)
+    stats = gradient_stats(stages)
+    assert not stats.nonfinite
+
+    def norm(tensors: list[torch.Tensor], order: int = 2) -> float:
+        flat = torch.cat([t.detach().flatten() for t in tensors])
+        return torch.linalg.vector_norm(flat, ord=order, dtype=torch.float64).item()
+
+    # float32 results from float64 (or float32-accumulated half) norms: a few float32 roundings
+    rel = 1e-5
+    for name in trainable_stages(stages):
+        params = list(stages[name].parameters())
+        grad = norm([p.grad for p in params])
+        assert stats.stage_norm[name] == pytest.approx(grad, rel=rel)
+        assert stats.stage_ratio[name] == pytest.approx(grad / norm(params), rel=rel)
+    assert stats.total == pytest.approx(norm([p.grad for s in stages.values() for p in s.parameters()]), rel=rel)
+    for key, params in weight_bearing_layers(stages).items():
+        assert stats.layer_norm[key] == pytest.approx(norm([p.grad for p in params]), rel=rel)
+        mean_abs = norm([p.grad for p in params], order=1) / sum(p.numel() for p in params)
+        assert stats.layer_mean_abs[key] == pytest.approx(mean_abs, rel=1e-4)
+
+
 def test_missing_grad_counts_as_zero() -> None:
     stages = tiny_stages()
     backward(stages)

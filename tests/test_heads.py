@@ -31,7 +31,7 @@ def test_a_few_steps_give_finite_losses_and_gradients_everywhere(adapter: str, h
     reached: set[str] = set()  # parameters that received a non-zero gradient at some step
     for step in range(2):
         optimizer.zero_grad()
-        value, scores = objective(images, targets, step / 2)
+        value, scores, _, _ = objective(images, targets, step / 2)
         assert scores.shape == (4, 5)
         assert torch.isfinite(value)
         value.backward()
@@ -53,13 +53,15 @@ def test_capsule_reconstruction_trains_the_decoder_and_weights_the_loss() -> Non
     with_rec = _objective("head=capsule", "adapter=conv", "loss.reconstruction_weight=0.0005")
     with_rec.load_state_dict(plain.state_dict(), strict=False)  # same trunk and capsules
     plain.eval(), with_rec.eval()
-    base, _ = plain(images, targets, 0.0)
-    total, _ = with_rec(images, targets, 0.0)
-    aux = with_rec.model.head.auxiliary_loss(images, targets)
+    base, _, _, _ = plain(images, targets, 0.0)
+    total, _, _, visuals = with_rec(images, targets, 0.0)
+    head = with_rec.model.head
+    aux, _ = head.auxiliary_loss(with_rec.model(images), images, targets)
     assert torch.allclose(total, base + 0.0005 * aux, rtol=1e-5)
     total.backward()
-    assert all(p.grad is not None for p in with_rec.model.head.decoder.parameters())
-    grid = with_rec.model.head.images(images, targets)
+    assert all(p.grad is not None for p in head.decoder.parameters())
+    grid = head.images(visuals)
+    assert set(grid) == {"capsule/reconstruction"}
     assert all(g.ndim == 3 and g.shape[0] == 3 for g in grid.values())
 
 
@@ -68,7 +70,7 @@ def test_224px_batch2_capsule_without_adapter_fits_on_cpu() -> None:
     torch.manual_seed(0)
     objective = _objective("head=capsule", "adapter=none", "data.image_size=224", num_classes=10)
     head = objective.model.head
-    value, scores = objective(torch.randn(2, 3, 224, 224), torch.tensor([1, 2]), 0.0)
+    value, scores, _, _ = objective(torch.randn(2, 3, 224, 224), torch.tensor([1, 2]), 0.0)
     value.backward()
     assert scores.shape == (2, 10) and torch.isfinite(value)
     # one W_ij per input capsule of the 7x7 map (the no-copy check: test_capsule_head.py)

@@ -280,7 +280,7 @@ def test_more_values_checked_before_training(override: str, message: str) -> Non
 
 
 def test_flags_may_follow_overrides_and_conflicting_modes_are_one_sentence(tmp_path: Path) -> None:
-    from capsexp.commandline import hydra_argv
+    from capsexp.arguments import hydra_argv
 
     assert hydra_argv(["head=capsule", "-m", "head.routing.iterations=1,3", "--info", "defaults", "seed=1"]) == \
         ["-m", "--info", "defaults", "head=capsule", "head.routing.iterations=1,3", "seed=1"]
@@ -302,8 +302,9 @@ def test_flags_may_follow_overrides_and_conflicting_modes_are_one_sentence(tmp_p
     ["head=capsule", "--info"],
 ])
 def test_what_only_the_job_can_resolve_is_not_refused(args: list[str], tmp_path: Path) -> None:
-    from capsexp.commandline import hydra_argv, precheck
+    from capsexp.arguments import hydra_argv
+    from capsexp.overrides_check import check_command_line
 
-    precheck("train", args)  # no UserError
+    check_command_line("train", args)  # no UserError
     if "--info" in args:
         assert hydra_argv(args) == ["--info", "all", "head=capsule"]

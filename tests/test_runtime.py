@@ -126,14 +126,15 @@ def test_bf16_channels_last_trains_with_finite_losses_and_gradient_stats(bf16_ru
 def test_a_step_syncs_once_and_a_diagnostics_step_once_more_per_measurement(bf16_run: tuple) -> None:
     head, _, _, log = bf16_run
     by_step = {e["step"]: e["sites"] for e in log}
-    # steps 1 and 3: only the documented non-finite check
-    assert by_step[1] == by_step[3] == ["engine._step_flags"]
-    # step 2 (a logging step): the gradient statistics come over in one transfer, and the capsule
-    # head's telemetry in one more
-    expected = ["engine._step_flags", "gradients.gradient_stats"]
-    if head == "capsule":
-        expected.append("diagnostics.after_backward")
-    assert sorted(by_step[2]) == sorted(expected)
+    # steps 1 and 3: one read, the same one each step (the documented non-finite check), in capsexp
+    assert len(by_step[1]) == 1 and by_step[3] == by_step[1] and by_step[1] != ["outside capsexp"]
+    # step 2 (a logging step): that read, then the gradient statistics in one transfer, and the
+    # capsule head's telemetry in one more; each from its own place, none repeated
+    extra = list(by_step[2])
+    assert by_step[1][0] in extra
+    extra.remove(by_step[1][0])
+    assert len(extra) == (2 if head == "capsule" else 1), by_step[2]
+    assert len(set(extra)) == len(extra) and by_step[1][0] not in extra and "outside capsexp" not in extra
 
 
 def test_auto_precision_on_cpu_is_fp32() -> None:
@@ -248,8 +249,8 @@ def test_scaled_update_path_syncs_once_and_overflow_skips_update_and_schedule(tm
         return out, reads.sites
 
     before = weight.detach().clone()
-    (loss, correct, n), sites = step()
-    assert sites == ["engine._step_flags"] and n == 4 and torch.isfinite(loss)
+    (loss, correct, n), flags = step()
+    assert len(flags) == 1 and flags != ["outside capsexp"] and n == 4 and torch.isfinite(loss)
     assert not torch.equal(weight, before) and loop.scheduler.last_epoch == 1
     assert loop.scaler.get_scale() == 2.0**10
 
@@ -258,8 +259,10 @@ def test_scaled_update_path_syncs_once_and_overflow_skips_update_and_schedule(tm
     before = weight.detach().clone()
     (loss, correct, n), sites = step()
     handle.remove()
-    # the flags, and on an overflow step only, the new scale (to tell overflow from a real fault)
-    assert sites == ["engine._step_flags", "engine.train_step"] and n == 0 and float(loss) == 0.0
+    # the flags, and on an overflow step only, the new scale (to tell overflow from a real fault):
+    # one more read, from somewhere else
+    assert len(sites) == 2 and sites[0] == flags[0] and sites[1] not in (flags[0], "outside capsexp")
+    assert n == 0 and float(loss) == 0.0
     assert torch.equal(weight, before), "an overflow step must not update the weights"
     assert loop.scheduler.last_epoch == 1, "nor advance the learning-rate schedule"
     assert loop.scaler.get_scale() == 2.0**9 and state.skipped_steps == 1

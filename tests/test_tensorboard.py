@@ -74,17 +74,29 @@ def test_the_tensorboard_server_serves_the_gradient_tags(capsule_run: Path) -> N
 
 
 def test_mean_abs_gradients_are_measured_only_for_the_next_flow_figure() -> None:
-    from omegaconf import OmegaConf
+    import torch
 
     from capsexp.diagnostics import FLOW_LINES, GradientMonitor
     from capsexp.logger import RunLogger
+    from capsexp.models import build_model
 
-    grads = OmegaConf.create({"log_every_n_steps": 10, "figure_every_n_steps": 100,
-                              "alarm": {"early_stages": ["stem"], "ratio": 0.01, "patience": 3}})
-    monitor = GradientMonitor(grads, 10, RunLogger(None), {})
-    needed = [step for step in range(10, 210, 10) if monitor._flow_needs(step)]
-    # the figure at step 100 draws the FLOW_LINES logging steps 30..100, the one at 200 draws 130..200
-    assert needed == [*range(30, 101, 10), *range(130, 201, 10)] and FLOW_LINES == 8
+    cfg = make_cfg("backbone=resnet18", "grads.log_every_n_steps=10", "grads.figure_every_n_steps=100",
+                   "grads.histogram_every_n_steps=0", "trainer.log_every_n_steps=10")
+    model = build_model(cfg, num_classes=8)  # no gradients yet: they count as zero
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = GradientMonitor(cfg.grads, 10, RunLogger(None), model, optimizer)
+    measured, drawn = [], {}
+    for step in range(10, 210, 10):
+        monitor.after_backward(step, {}, None, {}, {})
+        if monitor.flow and monitor.flow[-1][0] == step:  # this step's mean |grad| was measured
+            measured.append(step)
+        if step % 100 == 0:
+            drawn[step] = [s for s, _ in monitor.flow]
+    # the figure at step 100 draws the FLOW_LINES logging steps 30..100, the one at 200 draws 130..200;
+    # no other step pays for the extra pass over the gradients
+    assert FLOW_LINES == 8
+    assert drawn == {100: list(range(30, 101, 10)), 200: list(range(130, 201, 10))}
+    assert measured == [*range(30, 101, 10), *range(130, 201, 10)]
 
 
 def test_figures_and_gradient_scalars_are_written_off_the_training_thread(tmp_path: Path,
@@ -92,18 +104,29 @@ def test_figures_and_gradient_scalars_are_written_off_the_training_thread(tmp_pa
     """Drawing the grad_flow figure takes about a quarter of a second: never inside a training step."""
     import threading
 
+    from torch.utils.tensorboard import SummaryWriter
+
     from capsexp import figures
 
-    threads: list[str] = []
-    real = figures.gradient_flow_figure
+    figure_threads: list[int] = []
+    scalar_threads: list[int] = []
+    real_figure, real_scalar = figures.gradient_flow_figure, SummaryWriter.add_scalar
 
     def recording(*args: object, **kwargs: object) -> object:
-        threads.append(threading.current_thread().name)
-        return real(*args, **kwargs)
+        figure_threads.append(threading.get_ident())
+        return real_figure(*args, **kwargs)
+
+    def recording_scalar(writer: SummaryWriter, tag: str, *args: object, **kwargs: object) -> object:
+        if tag.startswith("grad_norm/"):
+            scalar_threads.append(threading.get_ident())
+        return real_scalar(writer, tag, *args, **kwargs)
 
     monkeypatch.setattr(figures, "gradient_flow_figure", recording)
+    monkeypatch.setattr(SummaryWriter, "add_scalar", recording_scalar)
+    training_thread = threading.get_ident()  # train() runs its steps on the caller's thread
     train(make_cfg("trainer.max_steps=4", "grads.figure_every_n_steps=2"), run_dir=tmp_path)
-    assert threads and all(name.startswith("capsexp-tensorboard") for name in threads)
+    assert len(figure_threads) == 2 and training_thread not in figure_threads
+    assert scalar_threads and training_thread not in scalar_threads
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     # train() returned only after the logger's thread had written everything

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from capsexp.commandline import group_option
 from capsexp.config import validate
 from capsexp.engine import TrainState, train_step
 from capsexp.errors import UserError
+from capsexp.groups import group_option
 from capsexp.models.backbone import feature_size
 from capsexp.runtime import Runtime, setup_runtime
 
@@ -258,7 +258,7 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
     happened to run last. One configuration is simply timed step after step.
     """
     from capsexp.diagnostics import GradientMonitor
-    from capsexp.train import build_loop, seed_everything
+    from capsexp.assembly import build_loop, seed_everything
 
     base = cfgs[0]
     warmup, steps = int(base.bench.warmup_steps), int(base.bench.steps)
@@ -273,7 +273,7 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
     loop = build_loop(base, rt, classes, warmup * len(cfgs) + blocks * block * len(cfgs), tb_dir,
                       show_progress=False)
     monitors = [loop.monitor] + [GradientMonitor(c.grads, int(c.trainer.log_every_n_steps), loop.logger,
-                                                 loop.model.stages()) for c in cfgs[1:]]
+                                                 loop.model, loop.optimizer) for c in cfgs[1:]]
     # a step counter per configuration: each monitor sees steps 1, 2, ... as in a run of its own,
     # so work due at a step (a logging step, a flow figure) falls on the configuration it belongs to
     states, batches = [TrainState() for _ in cfgs], _batches(base, classes, rt)
@@ -329,7 +329,7 @@ def bench(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
     validate(cfg)
     _check(cfg)
     if run_dir is None:
-        from capsexp.train import output_dir
+        from capsexp.rundir import output_dir
 
         run_dir = output_dir()
     rows_plan = plan(cfg)

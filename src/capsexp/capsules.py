@@ -26,10 +26,14 @@ def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     is kept. The norm is computed as ``sqrt(sum s^2 + eps)`` rather than ``s.norm()`` because
     the derivative of the norm is undefined at ``s = 0``, which gives NaN gradients for dead
     capsules; with ``eps`` both the output and its gradient are finite (zero) there.
+    Half-precision input is squashed in float32 and returned in its own dtype: ``eps`` is below
+    float16's smallest subnormal (it would round to 0, giving 0/0 for a zero vector), and the
+    squared length of a vector longer than 256 overflows float16.
     """
-    squared = s.pow(2).sum(dim=dim, keepdim=True)
+    x = s.to(_routing_dtype(s.dtype))
+    squared = x.pow(2).sum(dim=dim, keepdim=True)
     norm = torch.sqrt(squared + eps)
-    return (squared / (1.0 + squared)) * (s / norm)
+    return ((squared / (1.0 + squared)) * (x / norm)).to(s.dtype)
 
 
 def _routing_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,19 +1,89 @@
-"""One training epoch and one evaluation pass. They return statistics; the caller saves and decides."""
+"""One training step, one training epoch and one evaluation pass.
+
+The loop's contract is narrow and typed: ``Loop`` holds what a step needs, ``StepConfig`` the
+few trainer settings it reads, and ``Monitor``/``Logger`` are the two Protocols it talks to.
+Epochs and evaluations return their statistics; ``capsexp.train`` logs the epoch-level ones,
+saves and decides.
+"""
 
 from __future__ import annotations
 
 import itertools
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
-from capsexp.runtime import Runtime, all_reduce, all_reduce_mean, broadcast_buffers
+from capsexp.checks import Check, choice, integer, one_of, positive
+from capsexp.errors import UserError
+from capsexp.models import Classifier
+from capsexp.runtime import Runtime, SignalGuard, all_reduce, all_reduce_mean, broadcast_buffers
+
+NONFINITE_POLICIES = ("stop", "skip")
+CHECKS: list[Check] = [
+    ("trainer.max_epochs", integer(1, optional=True), "a positive integer or null"),
+    ("trainer.max_steps", integer(1, optional=True), "a positive integer or null"),
+    ("trainer.limit_train_batches", integer(1, optional=True), "a positive integer or null"),
+    ("trainer.limit_val_batches", integer(1, optional=True), "a positive integer or null"),
+    ("trainer.log_every_n_steps", integer(1), "a positive integer"),
+    ("trainer.warmup_steps_excluded", integer(0), "an integer >= 0"),
+    ("trainer.grad_clip", positive(optional=True), "a positive number or null"),
+    ("trainer.on_nonfinite", choice(*NONFINITE_POLICIES), one_of(NONFINITE_POLICIES)),
+    ("trainer.progress", choice("auto", True, False), "auto, true or false"),
+]
+# fp16 loss scale below which overflow is taken for a real fault (fairseq's min_loss_scale)
+MIN_LOSS_SCALE = 1e-4
+
+
+def cross_check(cfg: Any) -> None:
+    t = cfg.trainer
+    if t.max_epochs is None and t.max_steps is None:
+        raise UserError("trainer.max_epochs and trainer.max_steps are both null; set at least one.")
+    if t.resume is not None and not isinstance(t.resume, str):
+        raise UserError(f"trainer.resume={t.resume!r} is not allowed; it must be a checkpoint path, auto or null.")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The trainer settings a step and an epoch read (already validated)."""
+
+    grad_clip: float | None
+    on_nonfinite: str            # one of NONFINITE_POLICIES
+    log_every_n_steps: int
+    warmup_steps_excluded: int
+
+    @classmethod
+    def from_config(cls, trainer: Any) -> "StepConfig":
+        clip = trainer.grad_clip
+        return cls(None if clip is None else float(clip), str(trainer.on_nonfinite),
+                   int(trainer.log_every_n_steps), int(trainer.warmup_steps_excluded))
+
+
+class Logger(Protocol):
+    """Where the loop's values go (``capsexp.logger.RunLogger``; silent on non-main ranks)."""
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None: ...
+    def text(self, tag: str, text: str, step: int) -> None: ...
+    def image(self, tag: str, image: np.ndarray | Tensor, step: int, dataformats: str = "CHW") -> None: ...
+    def close(self) -> None: ...
+
+
+class Monitor(Protocol):
+    """Per-step diagnostics (``capsexp.diagnostics.GradientMonitor``); does work only at its intervals.
+
+    ``step`` counts optimizer steps including the current one (the TensorBoard x-axis).
+    """
+
+    def before_forward(self, step: int) -> None: ...
+    def after_backward(self, step: int, grad_norms: dict[int, Tensor], total_norm: Tensor,
+                       telemetry: dict[str, Tensor], visuals: dict[str, Tensor]) -> None: ...
+    def after_update(self, step: int, updated: bool) -> None: ...
 
 
 class Objective(nn.Module):
@@ -21,24 +91,28 @@ class Objective(nn.Module):
 
     The head's auxiliary loss (reconstruction) and a learned loss scale take part in the
     forward pass here; wrapping only the classifier would leave them outside DDP's reducer.
+    Returns ``(loss, scores, telemetry, visuals)``: the head's telemetry (detached 0-d tensors)
+    and what its auxiliary loss wants shown, all values of this forward.
     """
 
-    def __init__(self, model: nn.Module, criterion: nn.Module, aux_weight: float) -> None:
+    def __init__(self, model: Classifier, criterion: nn.Module, aux_weight: float) -> None:
         super().__init__()
         self.model = model
         self.criterion = criterion
         self.aux_weight = aux_weight
 
-    def forward(self, images: Tensor, targets: Tensor, progress: float | Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, targets: Tensor, progress: float | Tensor
+                ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """``progress`` (fraction of training done) may be a 0-d CPU tensor: see ``train_step``."""
-        scores = self.model(images)
+        out = self.model(images)
         # losses in fp32 whatever the autocast dtype: capsule lengths and margins are small numbers
-        loss = self._loss(scores.float(), targets, progress)
-        if self.aux_weight > 0:
-            aux = self.model.head.auxiliary_loss(images, targets)
-            if aux is not None:
-                loss = loss + self.aux_weight * aux.float()
-        return loss, scores
+        loss = self._loss(out.scores.float(), targets, progress)
+        visuals: dict[str, Tensor] = {}
+        aux = self.model.head.auxiliary_loss(out, images, targets) if self.aux_weight > 0 else None
+        if aux is not None:
+            loss = loss + self.aux_weight * aux[0].float()
+            visuals = aux[1]
+        return loss, out.scores, self.model.head.telemetry(out, targets), visuals
 
     # eager under trainer.compile: a loss that does Python arithmetic on ``progress`` (the spread
     # loss's margin schedule) would otherwise make the compiled graph recompile at every step
@@ -73,31 +147,42 @@ class StopTraining(Exception):
         self.exit_code = exit_code
 
 
-class SignalGuard:
-    """SIGINT/SIGTERM set a flag; the loop finishes the current step, checkpoints and stops."""
+@dataclass
+class Loop:
+    """What one training step needs; built once by ``capsexp.assembly.build_loop``."""
 
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
+    objective: nn.Module                  # what runs (maybe DDP-wrapped, maybe compiled)
+    model: Classifier                     # the bare model: stages, state dicts
+    evaluator: nn.Module                  # the objective without the DDP wrapper
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    rt: Runtime
+    config: StepConfig
+    logger: Logger
+    monitor: Monitor | None               # None on non-main ranks
+    guard: SignalGuard
+    total_steps: int
+    show_progress: bool
+    params: list[nn.Parameter] = field(default_factory=list)
+    # set when every rank has agreed (in the per-step check) to stop after this step; the loop
+    # acts on this, never on its own signal flag, so all ranks leave after the same step
+    stop: bool = False
 
-    def __enter__(self) -> "SignalGuard":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. some launchers): leave signals alone
-                pass
-        return self
+    def __post_init__(self) -> None:
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:  # a second Ctrl-C: the user really wants out now
-            raise KeyboardInterrupt
-        self.received = signum
-        print(f"\ncapsexp: received {signal.Signals(signum).name}; finishing this step and saving a "
-              f"checkpoint (press Ctrl-C again to abort at once).", file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+@dataclass(frozen=True)
+class EpochStats:
+    """What one call of ``train_one_epoch`` did: the caller logs and keeps it."""
+
+    steps: int
+    images: int
+    seconds: float           # timed part only (after trainer.warmup_steps_excluded)
+    timed_images: int
+    train_loss: float        # the last logged window's mean loss (nan when none was logged)
 
 
 def progress_bar(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
@@ -115,65 +200,30 @@ def evaluate(objective: nn.Module, loader: Iterable, rt: Runtime, limit: int | N
     """
     objective.eval()
     broadcast_buffers(objective, rt)  # each rank updated its running statistics on its last batch
-    loss_sum = torch.zeros((), device=rt.device)
-    correct = torch.zeros((), device=rt.device)
-    seen = torch.zeros((), device=rt.device)
+    sums = torch.zeros(3, device=rt.device)  # loss x n, correct, n
     total = len(loader) if limit is None else min(limit, len(loader))
     batches = itertools.islice(loader, total)  # not one batch more than the limit is loaded
     for images, targets in progress_bar(batches, total, "val", show_progress):
         images, targets = rt.to_device(images, targets)
         with rt.autocast():
-            loss, scores = objective(images, targets, 1.0)
-        loss_sum += loss.float() * targets.numel()
-        correct += (scores.argmax(1) == targets).sum()
-        seen += targets.numel()
+            loss, scores, _, _ = objective(images, targets, 1.0)
+        n = torch.full((), float(targets.numel()), device=rt.device)
+        sums += torch.stack([loss.float() * n, (scores.argmax(1) == targets).sum().float(), n])
     # sums, not per-rank means: under DDP the ranks may hold different numbers of samples
-    sums = all_reduce(torch.stack([loss_sum, correct, seen.float()]), rt, "sum")
-    loss_total, correct_total, count = sums.tolist()  # note: one CPU-GPU sync per evaluation
+    loss_total, correct_total, count = all_reduce(sums, rt, "sum").tolist()  # note: one sync per evaluation
     return {"val/loss": loss_total / max(count, 1), "val/acc": correct_total / max(count, 1)}
 
 
-def set_lr_scalars(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+def lr_scalars(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """``lr`` is the head's learning rate; ``lr/<group>`` for every parameter group."""
     out = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
     out["lr"] = optimizer.param_groups[-1]["lr"]
     return out
 
 
-
-@dataclass
-class Loop:
-    """What one training step needs; built once by ``train(cfg)``."""
-
-    objective: nn.Module           # what runs (maybe DDP-wrapped, maybe compiled)
-    model: nn.Module               # the bare Classifier (stages, head hooks)
-    evaluator: nn.Module           # what evaluates: the objective without the DDP wrapper
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    rt: Runtime
-    trainer: Any                   # the trainer config group
-    monitor: Any                   # capsexp.diagnostics.GradientMonitor
-    logger: Any                    # capsexp.logger.RunLogger
-    guard: SignalGuard
-    total_steps: int
-    show_progress: bool
-    criterion: nn.Module | None = None
-    params: list[nn.Parameter] = field(default_factory=list)
-    # set when every rank has agreed (in the per-step check) to stop after this step; the loop
-    # acts on this, never on its own signal flag, so all ranks leave after the same step
-    stop: bool = False
-
-    def __post_init__(self) -> None:
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-
-
-# fp16 loss scale below which overflow is taken for a real fault (fairseq's min_loss_scale)
-MIN_LOSS_SCALE = 1e-4
-
-
 def _grad_norms(params: list[nn.Parameter], device: torch.device) -> tuple[dict[int, Tensor], Tensor]:
-    """Each parameter's gradient L2 norm (by ``id``; the gradient diagnostics reuse them) and the total."""
+    """Each parameter's gradient L2 norm (by ``id``; the diagnostics reuse them) and their total:
+    the norm that clipping uses and that ``grad_norm/total`` reports (a learned loss scale included)."""
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad:
         return {}, torch.zeros((), device=device)
@@ -187,21 +237,34 @@ def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -
     Returns (loss, correct, n): device tensors plus the number of images the step counts for
     (0 when its update was skipped, so a skipped step does not enter the logged averages).
     """
-    rt, cfg = loop.rt, loop.trainer
+    rt, step = loop.rt, state.step + 1  # ``step``: the TensorBoard x-axis, counted from 1
     images, targets = rt.to_device(images, targets)
     loop.optimizer.zero_grad(set_to_none=True)
+    if loop.monitor is not None:
+        loop.monitor.before_forward(step)
     with rt.autocast():
         # a CPU tensor, not a float: a compiled objective guards on a float's value (one compile per
         # new value); reading it back in the eager loss is a host-side read, not a device sync.
         # 0 at the first step, 1 at the last, so annealed losses reach their end value
         progress = torch.tensor(state.step / max(loop.total_steps - 1, 1), dtype=torch.float64)
-        loss, scores = loop.objective(images, targets, progress)
+        loss, scores, telemetry, visuals = loop.objective(images, targets, progress)
     loop.scaler.scale(loss).backward()
     loop.scaler.unscale_(loop.optimizer)
     norms, total_norm = _grad_norms(loop.params, rt.device)
     # the one measuring point: after backward and unscaling, before clipping and the step
     if loop.monitor is not None:
-        loop.monitor.after_backward(state.step + 1, loop.model, images, targets, grad_norms=norms)
+        loop.monitor.after_backward(step, norms, total_norm, telemetry, visuals)
+    updated = _guarded_update(loop, state, loss, total_norm)
+    if loop.monitor is not None:
+        loop.monitor.after_update(step, updated)
+    if not updated:
+        zero = torch.zeros((), device=rt.device)
+        return zero, zero, 0
+    return loss.detach(), (scores.argmax(1) == targets).sum(), targets.shape[0]
+
+
+def _guarded_update(loop: Loop, state: TrainState, loss: Tensor, total_norm: Tensor) -> bool:
+    """Clip and step unless the loss or the gradients are not finite; True when the weights moved."""
     loss_bad, grad_bad, stop = _step_flags(loop, loss, total_norm)
     loop.stop = stop  # a signal reached some rank: every rank ends after this same step
     if grad_bad and not loss_bad and loop.scaler.is_enabled():
@@ -214,18 +277,18 @@ def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -
                 f"the fp16 loss scale fell below {MIN_LOSS_SCALE:g} at step {state.step + 1}: the gradients "
                 f"are not finite at any scale. Stopped with the last good checkpoint kept; use "
                 f"trainer.precision=bf16 or fp32, lower optim.lr, or set trainer.grad_clip.", exit_code=3)
-        return _skipped(rt)
+        return False
     if loss_bad or grad_bad:
         _on_nonfinite(loop, state, loss_bad)
-        return _skipped(rt)
-    if cfg.grad_clip is not None:
-        torch.nn.utils.clip_grads_with_norm_(loop.params, float(cfg.grad_clip), total_norm)
+        return False
+    if loop.config.grad_clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(loop.params, loop.config.grad_clip, total_norm)
     # not scaler.step(): it would read found_inf on the host a second time; the flags above
     # already proved the unscaled gradients finite, and update() reads found_inf on the device
     loop.optimizer.step()
     loop.scaler.update()
     loop.scheduler.step()
-    return loss.detach(), (scores.argmax(1) == targets).sum(), targets.shape[0]
+    return True
 
 
 def _step_flags(loop: Loop, loss: Tensor, total_norm: Tensor) -> tuple[bool, bool, bool]:
@@ -252,18 +315,13 @@ def _skip_update(loop: Loop, state: TrainState) -> None:
     state.skipped_steps += 1
 
 
-def _skipped(rt: Runtime) -> tuple[Tensor, Tensor, int]:
-    zero = torch.zeros((), device=rt.device)
-    return zero, zero, 0
-
-
 def _on_nonfinite(loop: Loop, state: TrainState, loss_bad: bool) -> None:
     from capsexp.gradients import nonfinite_stage
 
     stage = nonfinite_stage(loop.model.stages()) or "none (the loss itself)"
-    step = state.step + 1  # the TensorBoard x-axis: this step, counted from 1
+    step = state.step + 1
     what = "loss" if loss_bad else "gradient"
-    if loop.trainer.on_nonfinite == "skip":
+    if loop.config.on_nonfinite == "skip":
         _skip_update(loop, state)
         loop.logger.scalars({"train/skipped_steps": state.skipped_steps}, step)
         print(f"capsexp: non-finite {what} at step {step} (first stage: {stage}); update skipped "
@@ -275,57 +333,53 @@ def _on_nonfinite(loop: Loop, state: TrainState, loss_bad: bool) -> None:
         f"or use trainer.on_nonfinite=skip.", exit_code=3)
 
 
-def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int,
-                    max_steps: int | None) -> dict[str, float]:
-    """Train until the epoch's ``batches`` are done (or ``max_steps``, or a signal).
+def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int) -> EpochStats:
+    """Train until the epoch's ``batches`` are done (or ``loop.total_steps``, or a signal).
 
     Resumes mid-epoch at ``state.batch_in_epoch``: the loader's sampler already starts there.
-    Throughput counts only steps after ``trainer.warmup_steps_excluded``.
+    Train loss and accuracy are logged every ``log_every_n_steps``; the timed part starts after
+    ``warmup_steps_excluded`` steps. Returns what it did; the caller keeps the throughput.
     """
     loop.objective.train()
-    rt, cfg = loop.rt, loop.trainer
+    rt, cfg = loop.rt, loop.config
     sums = torch.tensor(state.window, device=rt.device)  # loss x n, correct, n since the last log
-    count = batches - state.batch_in_epoch
-    if max_steps is not None:
-        count = min(count, max_steps - state.step)
+    count = max(min(batches - state.batch_in_epoch, loop.total_steps - state.step), 0)
     # islice: not one batch more than this epoch will train on is loaded
-    bar = progress_bar(itertools.islice(loader, max(count, 0)), count, f"epoch {state.epoch}",
-                       loop.show_progress)
-    tick = None
+    bar = progress_bar(itertools.islice(loader, count), count, f"epoch {state.epoch}", loop.show_progress)
+    tick, steps, images_seen, timed_images = None, 0, 0, 0
     for images, targets in bar:
         if tick is None and state.step >= cfg.warmup_steps_excluded:
             rt.synchronize()
-            tick, tick_images = time.perf_counter(), 0
-        batch = targets.shape[0]
+            tick = time.perf_counter()
         loss, correct, n = train_step(loop, images, targets, state)
         # torch.full, not torch.tensor: a host-to-GPU copy of a Python number would sync every step
         sums += torch.stack([loss.float() * n, correct.float(), torch.full((), float(n), device=rt.device)])
-        state.step += 1
-        state.batch_in_epoch += 1
-        if tick is not None:
-            tick_images += batch
+        state.step, state.batch_in_epoch, steps = state.step + 1, state.batch_in_epoch + 1, steps + 1
+        images_seen += targets.shape[0]
+        timed_images += targets.shape[0] if tick is not None else 0
         if state.step % cfg.log_every_n_steps == 0:
-            _log_train(loop, sums, state, bar)
+            _log_window(loop, sums, state, bar)
             sums.zero_()
         if loop.stop:
             break
+    seconds = 0.0
     if tick is not None:
         rt.synchronize()
-        state.timed_seconds += time.perf_counter() - tick
-        state.timed_images += tick_images * rt.world_size
+        seconds = time.perf_counter() - tick
     # kept in the state so a checkpoint taken now resumes the same logging window; averaged
     # over ranks, since every rank restores rank 0's checkpoint
     state.window = all_reduce_mean(sums, rt).tolist()
     if not loop.stop and state.window[2] > 0:
-        _log_train(loop, sums, state, bar)
+        _log_window(loop, sums, state, bar)
         state.window = [0.0, 0.0, 0.0]
-    return {"train/loss": state.last_train_loss}
+    return EpochStats(steps, images_seen * rt.world_size, seconds, timed_images * rt.world_size,
+                      state.last_train_loss)
 
 
-def _log_train(loop: Loop, sums: Tensor, state: TrainState, bar: Any) -> None:
+def _log_window(loop: Loop, sums: Tensor, state: TrainState, bar: Any) -> None:
     loss_sum, correct, n = all_reduce_mean(sums, loop.rt).tolist()  # note: CPU-GPU sync, logging steps only
     values = {"train/loss": loss_sum / max(n, 1), "train/acc": correct / max(n, 1)}
-    values.update(set_lr_scalars(loop.optimizer))
+    values.update(lr_scalars(loop.optimizer))
     loop.logger.scalars(values, state.step)
     state.last_train_loss = values["train/loss"]
     if hasattr(bar, "set_postfix"):

@@ -116,14 +116,17 @@ def _segment_indices(
 
 
 def _norms(tensors: list[torch.Tensor], order: int, device: torch.device) -> torch.Tensor:
-    """Norm of every tensor in one batched call, stacked on ``device``."""
-    # float32 accumulation so half-precision parameters cannot overflow.
-    out = torch._foreach_norm(tensors, order, dtype=torch.float32)
-    return torch.stack([n.to(device) for n in out])
+    """Norm of every tensor in one batched call, stacked on ``device`` as float32."""
+    # At least float32 accumulation, so the squares of half-precision values cannot overflow;
+    # float64 tensors keep float64 (the norm refuses to narrow a dtype), only the result is rounded.
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    out = torch._foreach_norm(tensors, order, dtype=wide)
+    return torch.stack([n.to(device, torch.float32) for n in out])
 
 
 def gradient_stats(stages: Mapping[str, nn.Module], per_layer: bool = True,
-                   mean_abs: bool = True, grad_norms: Mapping[int, torch.Tensor] | None = None) -> GradStats:
+                   mean_abs: bool = True, grad_norms: Mapping[int, torch.Tensor] | None = None,
+                   total_norm: torch.Tensor | None = None) -> GradStats:
     """Gradient norms, gradient/weight ratios and mean |grad| of trainable stages.
 
     Parameters whose ``.grad`` is None count as a zero gradient. With
@@ -163,7 +166,9 @@ def gradient_stats(stages: Mapping[str, nn.Module], per_layer: bool = True,
     weight_l = _segment_norm(weight_p, param_layer, len(layer_keys))
     grad_s = _segment_norm(grad_l, layer_stage, len(stage_keys))
     weight_s = _segment_norm(weight_l, layer_stage, len(stage_keys))
-    total = grad_s.square().sum().sqrt().reshape(1)
+    # the caller's total (every optimised parameter, e.g. a learned loss scale: the clipping norm)
+    # or the stages' own; carried in the same host transfer
+    total = (grad_s.square().sum().sqrt() if total_norm is None else total_norm.to(device, torch.float32)).reshape(1)
     # A NaN or inf anywhere in a gradient makes its L2 norm non-finite.
     nonfinite = (~torch.isfinite(grad_p)).any().to(torch.float32).reshape(1)
     parts = [grad_s, grad_s / weight_s.clamp_min(_EPS), total, nonfinite]

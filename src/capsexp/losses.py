@@ -11,15 +11,16 @@ head's auxiliary loss, not here.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capsexp.capsules import margin_loss, spread_loss
+from capsexp.checks import Check, below_one, nonneg, positive
+from capsexp.errors import UserError
 
-LOSS_NAMES = ("ce", "margin", "spread")
 _INITIAL_LEARNED_SCALE = 10.0
 
 
@@ -31,23 +32,13 @@ class ScaledCrossEntropy(nn.Module):
     as its logarithm so that it stays positive under any optimizer step.
     """
 
-    def __init__(self, scale: float | str = 1.0, label_smoothing: float = 0.0) -> None:
+    def __init__(self, scale: float | str, label_smoothing: float) -> None:
         super().__init__()
         self.label_smoothing = float(label_smoothing)
-        if isinstance(scale, str):
-            if scale != "learned":
-                raise ValueError(f"loss.scale must be a number or 'learned'; got {scale!r}")
-            self.log_scale: nn.Parameter | None = nn.Parameter(
-                torch.tensor(math.log(_INITIAL_LEARNED_SCALE))
-            )
-            self._fixed_scale = 1.0
-        else:
-            if not float(scale) > 0:
-                raise ValueError(f"loss.scale must be > 0; got {scale!r}")
-            self.log_scale = None
-            self._fixed_scale = float(scale)
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing must be in [0, 1); got {label_smoothing!r}")
+        learned = scale == "learned"
+        self.log_scale: nn.Parameter | None = nn.Parameter(
+            torch.tensor(math.log(_INITIAL_LEARNED_SCALE))) if learned else None
+        self._fixed_scale = 1.0 if learned else float(scale)
 
     @property
     def scale(self) -> Tensor | float:
@@ -64,7 +55,7 @@ class ScaledCrossEntropy(nn.Module):
 class MarginLoss(nn.Module):
     """The capsule margin loss (Sabour et al. 2017, eq. 4) on capsule lengths."""
 
-    def __init__(self, m_plus: float = 0.9, m_minus: float = 0.1, lambda_: float = 0.5) -> None:
+    def __init__(self, m_plus: float, m_minus: float, lambda_: float) -> None:
         super().__init__()
         self.m_plus, self.m_minus, self.lambda_ = float(m_plus), float(m_minus), float(lambda_)
 
@@ -76,7 +67,7 @@ class MarginLoss(nn.Module):
 class SpreadLoss(nn.Module):
     """Spread loss (Hinton et al. 2018) with its margin annealed linearly over training."""
 
-    def __init__(self, m_start: float = 0.2, m_end: float = 0.9) -> None:
+    def __init__(self, m_start: float, m_end: float) -> None:
         super().__init__()
         self.m_start, self.m_end = float(m_start), float(m_end)
 
@@ -91,13 +82,27 @@ class SpreadLoss(nn.Module):
         return spread_loss(scores, targets, self.margin(progress))
 
 
+# the options of the ``loss`` group: name -> builder from the group config
+LOSSES: dict[str, Callable[[Any], nn.Module]] = {
+    "ce": lambda cfg: ScaledCrossEntropy(scale=cfg["scale"], label_smoothing=cfg["label_smoothing"]),
+    "margin": lambda cfg: MarginLoss(m_plus=cfg["m_plus"], m_minus=cfg["m_minus"], lambda_=cfg["lambda_"]),
+    "spread": lambda cfg: SpreadLoss(m_start=cfg["m_start"], m_end=cfg["m_end"]),
+}
+CHECKS: list[Check] = [("loss.reconstruction_weight", nonneg, "a number >= 0")]
+OPTION_CHECKS: dict[str, list[Check]] = {
+    "margin": [("loss.m_plus", nonneg, "a number >= 0"), ("loss.m_minus", nonneg, "a number >= 0"),
+               ("loss.lambda_", nonneg, "a number >= 0")],
+    "ce": [("loss.scale", lambda v: v == "learned" or positive()(v), "a positive number or learned"),
+           ("loss.label_smoothing", below_one, "a number in [0, 1)")],
+    "spread": [("loss.m_start", nonneg, "a number >= 0"), ("loss.m_end", nonneg, "a number >= 0")],
+}
+
+
+def cross_check(cfg: Any) -> None:
+    if cfg.loss.name == "margin" and not cfg.loss.m_minus < cfg.loss.m_plus:
+        raise UserError(f"loss.m_minus={cfg.loss.m_minus} must be below loss.m_plus={cfg.loss.m_plus}.")
+
+
 def build_loss(cfg: Any) -> nn.Module:
-    """Build the loss module described by the ``loss`` config group (a DictConfig or dict)."""
-    name = cfg["name"]
-    if name == "ce":
-        return ScaledCrossEntropy(scale=cfg["scale"], label_smoothing=cfg["label_smoothing"])
-    if name == "margin":
-        return MarginLoss(m_plus=cfg["m_plus"], m_minus=cfg["m_minus"], lambda_=cfg["lambda_"])
-    if name == "spread":
-        return SpreadLoss(m_start=cfg["m_start"], m_end=cfg["m_end"])
-    raise ValueError(f"loss.name must be one of {', '.join(LOSS_NAMES)}; got {name!r}")
+    """Build the loss module described by the ``loss`` config group (already validated)."""
+    return LOSSES[cfg["name"]](cfg)

@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LinearLR, LRScheduler, SequentialLR
 
-from capsexp.errors import UserError
+from capsexp.checks import Check, boolean, choice, integer, nonneg, one_of, positive, unit
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("cosine", "constant")
+
+def _sgd(cfg: Any, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=float(cfg.lr), momentum=float(cfg.momentum),
+                           nesterov=bool(cfg.nesterov) and float(cfg.momentum) > 0)
+
+
+def _adamw(cfg: Any, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=float(cfg.lr), betas=tuple(cfg.betas))
+
+
+# the options of the ``optim`` group: name -> builder from (group config, parameter groups)
+OPTIMIZERS: dict[str, Callable[[Any, list[dict[str, Any]]], torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
+
+
+def _betas(v: Any) -> bool:
+    return OmegaConf.is_list(v) and len(v) == 2 and all(nonneg(b) and b < 1 for b in v)
+
+
+OPTION_CHECKS: dict[str, list[Check]] = {
+    "adamw": [("optim.betas", _betas, "a list of two numbers in [0, 1), e.g. [0.9,0.999]")],
+    "sgd": [("optim.momentum", nonneg, "a number >= 0"), ("optim.nesterov", boolean, "true or false")],
+}
 
 
 def backbone_lr_scale(cfg: Any, pretrained: bool) -> float:
@@ -44,23 +65,14 @@ def param_groups(model: nn.Module, extra: nn.Module, cfg: Any, pretrained: bool)
 
 
 def build_optimizer(cfg: Any, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=float(cfg.lr), momentum=float(cfg.momentum),
-                               nesterov=bool(cfg.nesterov) and float(cfg.momentum) > 0)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=float(cfg.lr), betas=tuple(cfg.betas))
-    raise UserError(f"optim must be one of {', '.join(OPTIMIZERS)}; got '{cfg.name}'.")
+    """The optimizer named by ``cfg.name`` (the ``optim`` group, already validated)."""
+    return OPTIMIZERS[cfg.name](cfg, groups)
 
 
 def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int) -> LRScheduler:
     """Linear warm-up, then cosine decay to ``lr x min_lr_ratio`` at ``total_steps`` (or constant)."""
     warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
-    if cfg.scheduler == "constant":
-        main: LRScheduler = LambdaLR(optimizer, lambda _: 1.0)
-    elif cfg.scheduler == "cosine":
-        main = _cosine(optimizer, max(total_steps - warmup, 1), float(cfg.min_lr_ratio))
-    else:
-        raise UserError(f"optim.scheduler must be one of {', '.join(SCHEDULERS)}; got '{cfg.scheduler}'.")
+    main = SCHEDULERS[cfg.scheduler](optimizer, max(total_steps - warmup, 1), float(cfg.min_lr_ratio))
     if warmup == 0:
         return main
     ramp = LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
@@ -74,3 +86,18 @@ def _cosine(optimizer: torch.optim.Optimizer, steps: int, floor: float) -> LRSch
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
     return LambdaLR(optimizer, factor)
+
+
+# ``optim.scheduler``: name -> schedule after warm-up from (optimizer, its steps, final lr fraction)
+SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer, int, float], LRScheduler]] = {
+    "cosine": _cosine,
+    "constant": lambda optimizer, steps, floor: LambdaLR(optimizer, lambda _: 1.0),
+}
+CHECKS: list[Check] = [
+    ("optim.lr", positive(), "a positive number"),
+    ("optim.weight_decay", nonneg, "a number >= 0"),
+    ("optim.backbone_lr_scale", lambda v: v == "auto" or nonneg(v), "auto or a number >= 0"),
+    ("optim.warmup_steps", integer(0), "an integer >= 0"),
+    ("optim.scheduler", choice(*SCHEDULERS), one_of(SCHEDULERS)),
+    ("optim.min_lr_ratio", unit, "a number in [0, 1] (the final fraction of optim.lr)"),
+]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -16,9 +18,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from capsexp.checks import Check, boolean, choice, one_of
 from capsexp.errors import UserError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# ``trainer.precision``: name -> autocast dtype (None: fp32); auto is resolved per device
+PRECISIONS: dict[str, torch.dtype | None] = {"auto": None, "fp32": None, "bf16": torch.bfloat16,
+                                             "fp16": torch.float16}
+CHECKS: list[Check] = [
+    ("trainer.precision", choice(*PRECISIONS), one_of(PRECISIONS)),
+    ("trainer.channels_last", choice("auto", True, False), "auto, true or false"),
+    ("trainer.compile", boolean, "true or false"),
+]
 
 
 @dataclass
@@ -89,13 +99,11 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
 
 
 def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision not in PRECISIONS:
-        raise UserError(f"trainer.precision must be one of {', '.join(PRECISIONS)}; got '{precision}'.")
     if precision == "auto":
         if device.type != "cuda":
             return None  # CPU stays a correct fp32 path by default
         return torch.bfloat16 if _native_bf16() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return PRECISIONS[precision]
 
 
 def _native_bf16() -> bool:
@@ -189,3 +197,30 @@ def barrier(rt: Runtime) -> None:
 def teardown(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class SignalGuard:
+    """SIGINT/SIGTERM set a flag; the loop finishes the current step, checkpoints and stops."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "SignalGuard":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some launchers): leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second Ctrl-C: the user really wants out now
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\ncapsexp: received {signal.Signals(signum).name}; finishing this step and saving a "
+              f"checkpoint (press Ctrl-C again to abort at once).", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -2,62 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import random
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from capsexp import __version__
 from capsexp.checkpoint import link_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
 from capsexp.config import flatten, validate
 from capsexp.data import build_datasets, build_loaders
-from capsexp.diagnostics import GradientMonitor
-from capsexp.engine import Loop, Objective, SignalGuard, StopTraining, TrainState, evaluate, train_one_epoch
+from capsexp.assembly import build_loop, seed_everything
+from capsexp.engine import EpochStats, Loop, StopTraining, TrainState, evaluate, train_one_epoch
 from capsexp.errors import UserError
-from capsexp.logger import RunLogger
-from capsexp.losses import build_loss
-from capsexp.models import build_model
-from capsexp.optim import build_optimizer, build_scheduler, param_groups
-from capsexp.runtime import Runtime, barrier, prepare_model, setup_runtime, teardown
-
-METRICS_FILE = "metrics.json"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def output_dir() -> Path:
-    """The Hydra run folder when Hydra runs us; tests pass ``run_dir`` instead."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-def environment() -> dict[str, str]:
-    import hydra
-    import torchvision
-
-    # plain str: torch's TorchVersion would make checkpoints unreadable by torch.load(weights_only=True)
-    return {"capsexp": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "hydra": hydra.__version__, "python": sys.version.split()[0]}
-
-
-def refuse_taken_folder(run_dir: Path) -> None:
-    """A folder that already holds a run (metrics or a checkpoint) is never trained into afresh."""
-    if (run_dir / METRICS_FILE).exists() or any((run_dir / "checkpoints").glob("*.pt")):
-        raise UserError(f"the run folder '{run_dir}' already holds a run; capsexp never overwrites one. "
-                        f"Use trainer.resume=auto to continue it, or start a new run.")
+from capsexp.rundir import environment, output_dir, refuse_taken_folder, shown, write_metrics, write_run_record
+from capsexp.runtime import Runtime, barrier, setup_runtime, teardown
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -81,28 +42,6 @@ def _check_compatible(ckpt: dict[str, Any], cfg: DictConfig, num_classes: int) -
     if ckpt.get("num_classes") != num_classes:
         raise UserError(f"trainer.resume: the checkpoint has {ckpt.get('num_classes')} classes, "
                         f"data.name={cfg.data.name} has {num_classes}.")
-
-
-def build_loop(cfg: DictConfig, rt: Runtime, num_classes: int, total_steps: int, log_dir: Path | None,
-               show_progress: bool) -> Loop:
-    """Model, loss, optimizer, schedule, scaler and diagnostics: what a training step needs.
-
-    ``train`` and ``capsexp bench`` both build through here, so the benchmark times the real step.
-    """
-    model = build_model(cfg, num_classes)
-    criterion = build_loss(cfg.loss)
-    aux_weight = float(cfg.loss.reconstruction_weight)
-    runnable, evaluator, objective = prepare_model(Objective(model, criterion, aux_weight), rt,
-                                                   bool(cfg.trainer.compile))
-    model = objective.model
-    groups = param_groups(model, criterion, cfg.optim, pretrained=cfg.backbone.weights is not None)
-    optimizer = build_optimizer(cfg.optim, groups)
-    scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
-    logger = RunLogger(log_dir if rt.is_main else None)
-    monitor = GradientMonitor(cfg.grads, int(cfg.trainer.log_every_n_steps), logger, model.stages()) \
-        if rt.is_main else None
-    return Loop(runnable, model, evaluator, optimizer, scheduler, rt.grad_scaler(), rt, cfg.trainer, monitor, logger,
-                SignalGuard(), total_steps, show_progress, criterion)
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
@@ -161,7 +100,7 @@ def _epochs(cfg: DictConfig, loop: Loop, state: TrainState, train_loader: DataLo
     while state.step < total_steps and (max_epochs is None or state.epoch < max_epochs):
         train_loader.sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * int(cfg.data.batch_size))
         try:
-            train_one_epoch(loop, train_loader, state, batches, total_steps)
+            _keep(state, train_one_epoch(loop, train_loader, state, batches))
         except StopTraining as exc:  # weights may be poisoned: keep the last good checkpoint as it is
             return val, exc
         if loop.stop:
@@ -184,6 +123,12 @@ def _epochs(cfg: DictConfig, loop: Loop, state: TrainState, train_loader: DataLo
         if improved and loop.rt.is_main:
             link_checkpoint(last, last.with_name("best.pt"))
     return val, None
+
+
+def _keep(state: TrainState, stats: EpochStats) -> None:
+    """The epoch's timed part joins the run's throughput measurement."""
+    state.timed_seconds += stats.seconds
+    state.timed_images += stats.timed_images
 
 
 def _throughput(state: TrainState) -> dict[str, float]:
@@ -226,24 +171,13 @@ def _restore(ckpt: dict[str, Any], loop: Loop, state: TrainState) -> None:
     torch.set_rng_state(ckpt["rng"])
 
 
-def _shown(path: Path) -> str:
-    """A path as the user would type it: relative to the working folder when it is inside it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def _announce(cfg: DictConfig, run_dir: Path, loop: Loop, resumed: bool, state: TrainState) -> None:
     rt, model, monitor, logger = loop.rt, loop.model, loop.monitor, loop.logger
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(resolved)
-    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+    resolved = write_run_record(run_dir, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = ", ".join(monitor.frozen) or "none"
     where = f"resumed at step {state.step}" if resumed else "new run"
-    print(f"capsexp: {where} in {_shown(run_dir)}\ncapsexp: device {rt.device} ({rt.precision}, world size "
+    print(f"capsexp: {where} in {shown(run_dir)}\ncapsexp: device {rt.device} ({rt.precision}, world size "
           f"{rt.world_size}); head={cfg.head.name} adapter={cfg.adapter.name} loss={cfg.loss.name}; "
           f"{trainable / 1e6:.2f}M trainable parameters; frozen stages: {frozen}", flush=True)
     logger.text("config", "```\n" + resolved + "\n```", state.step)
@@ -277,11 +211,7 @@ def _finish(cfg: DictConfig, run_dir: Path, loop: Loop, state: TrainState, val: 
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     loop.logger.hparams(hparams, numeric, state.step)
     loop.logger.close()
-    tmp = run_dir / f".{METRICS_FILE}.tmp"
-    # strict JSON: a value never measured (throughput of a run shorter than its warm-up) is null
-    on_disk = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
-    tmp.write_text(json.dumps(on_disk, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, run_dir / METRICS_FILE)
+    write_metrics(run_dir, metrics)
     _print_summary(cfg, metrics, grads)
     return metrics
 

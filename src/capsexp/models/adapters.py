@@ -1,32 +1,29 @@
-"""Adapters between the ResNet50 feature map and a head; usable with every head so comparisons are fair."""
+"""Adapters between the backbone feature map and a head; usable with every head so comparisons are fair."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from capsexp.errors import UserError
+from capsexp.checks import Check, boolean, choice, integer, one_of
 
-ADAPTERS = ("none", "conv", "linear")
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
-
-
-def _activation(name: str) -> nn.Module:
-    if name not in _ACTIVATIONS:
-        raise UserError(f"adapter.activation must be one of {', '.join(_ACTIVATIONS)}; got '{name}'.")
-    return _ACTIVATIONS[name]()
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
-        return nn.GroupNorm(groups, channels)
-    if kind == "none":
-        return nn.Identity()
-    raise UserError(f"adapter.norm must be one of batch, group, none; got '{kind}'.")
+def _group_norm(channels: int) -> nn.Module:
+    return nn.GroupNorm(next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0), channels)
+
+
+NORMS: dict[str, Callable[[int], nn.Module]] = {"batch": nn.BatchNorm2d, "group": _group_norm,
+                                                "none": lambda channels: nn.Identity()}
+_WIDTH: Check = ("adapter.width", integer(1), "a positive integer")
+_ACTIVATION: Check = ("adapter.activation", choice(*ACTIVATIONS), one_of(ACTIVATIONS))
+OPTION_CHECKS: dict[str, list[Check]] = {
+    "conv": [_WIDTH, ("adapter.norm", choice(*NORMS), one_of(NORMS)), _ACTIVATION,
+             ("adapter.conv3x3", boolean, "true or false")],
+    "linear": [_WIDTH, _ACTIVATION],
+}
 
 
 class Adapter(nn.Module):
@@ -39,7 +36,7 @@ class Adapter(nn.Module):
 
 
 class IdentityAdapter(Adapter):
-    """``adapter=none``: the raw 2048-channel map goes straight into the head."""
+    """``adapter=none``: the raw backbone map goes straight into the head."""
 
     def __init__(self, in_channels: int) -> None:
         super().__init__()
@@ -52,15 +49,14 @@ class IdentityAdapter(Adapter):
 class ConvAdapter(Adapter):
     """1x1 convolution down to ``width``, normalisation, non-linearity, optionally a 3x3 block."""
 
-    def __init__(self, in_channels: int, width: int, norm: str = "batch", activation: str = "relu",
-                 conv3x3: bool = False) -> None:
+    def __init__(self, in_channels: int, width: int, norm: str, activation: str, conv3x3: bool) -> None:
         super().__init__()
         bias = norm == "none"
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 1, bias=bias), _norm(norm, width),
-                                   _activation(activation)]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 1, bias=bias), NORMS[norm](width),
+                                   ACTIVATIONS[activation]()]
         if conv3x3:
-            layers += [nn.Conv2d(width, width, 3, padding=1, bias=bias), _norm(norm, width),
-                       _activation(activation)]
+            layers += [nn.Conv2d(width, width, 3, padding=1, bias=bias), NORMS[norm](width),
+                       ACTIVATIONS[activation]()]
         self.body = nn.Sequential(*layers)
         self.out_channels = width
 
@@ -74,11 +70,11 @@ class LinearAdapter(Adapter):
     The capsule head turns that map into primary capsules with its 1x1 primary convolution.
     """
 
-    def __init__(self, in_channels: int, width: int, activation: str = "relu") -> None:
+    def __init__(self, in_channels: int, width: int, activation: str) -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, width)
-        self.act = _activation(activation)
+        self.act = ACTIVATIONS[activation]()
         self.out_channels = width
 
     def out_size(self, size: int) -> int:
@@ -89,15 +85,14 @@ class LinearAdapter(Adapter):
         return y[:, :, None, None]
 
 
+# the options of the ``adapter`` group: name -> builder from (group config, input channels)
+ADAPTERS: dict[str, Callable[[Any, int], Adapter]] = {
+    "none": lambda cfg, c: IdentityAdapter(c),
+    "conv": lambda cfg, c: ConvAdapter(c, int(cfg.width), cfg.norm, cfg.activation, bool(cfg.conv3x3)),
+    "linear": lambda cfg, c: LinearAdapter(c, int(cfg.width), cfg.activation),
+}
+
+
 def build_adapter(cfg: Any, in_channels: int) -> Adapter:
-    """Build the adapter named by ``cfg.name`` (the ``adapter`` config group)."""
-    if cfg.name == "none":
-        return IdentityAdapter(in_channels)
-    width = int(cfg.width)
-    if width < 1:
-        raise UserError(f"adapter.width must be a positive integer; got {cfg.width}.")
-    if cfg.name == "conv":
-        return ConvAdapter(in_channels, width, cfg.norm, cfg.activation, bool(cfg.conv3x3))
-    if cfg.name == "linear":
-        return LinearAdapter(in_channels, width, cfg.activation)
-    raise UserError(f"adapter must be one of {', '.join(ADAPTERS)}; got '{cfg.name}'.")
+    """Build the adapter named by ``cfg.name`` (the ``adapter`` config group, already validated)."""
+    return ADAPTERS[cfg.name](cfg, in_channels)

@@ -1,26 +1,64 @@
-"""The ResNet50 trunk: torchvision's resnet50 cut before global pooling, its weights, its freezing."""
+"""The ResNet trunk: a torchvision ResNet cut before global pooling, its weights, its freezing.
+
+Every option of the ``backbone`` group (``BACKBONES``) has the same stem + layer1..layer4
+structure and five stride-2 halvings; only the channels of the feature map differ.
+"""
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
 from capsexp.checkpoint import read_torch_file
+from capsexp.checks import Check, choice, integer, one_of
 from capsexp.errors import UserError
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
-TORCHVISION_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2", "DEFAULT")
-OUT_CHANNELS = 2048
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+             "wide_resnet50_2")
+# the names each architecture's torchvision weights enum has (resnet18/34: IMAGENET1K_V1 only);
+# read from the enums, which are metadata: nothing is downloaded here
+WEIGHTS: dict[str, tuple[str, ...]] = {
+    arch: (*(w.name for w in torchvision.models.get_model_weights(arch)), "DEFAULT") for arch in BACKBONES
+}
 _LAYER = re.compile(r"^layer(\d+)$")
+_WEIGHTS_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")  # how torchvision spells a weights name
+
+
+def _is_weights_name(value: str) -> bool:
+    """``IMAGENET1K_V2``-like and not an existing file: meant as a torchvision weights name."""
+    return _WEIGHTS_NAME.match(value) is not None and not Path(value).exists()
+
+
+def _weights_for(arch: str) -> tuple[Callable[[Any], bool], str]:
+    """The predicate and allowed-phrase of ``backbone.weights`` for one architecture."""
+    names = WEIGHTS[arch]
+
+    def ok(v: Any) -> bool:
+        return v is None or isinstance(v, str) and (not _is_weights_name(v) or v in names)
+    return ok, f"null, {one_of(names)} (torchvision's {arch} weights), or a file path"
+
+
+CHECKS: list[Check] = [
+    # read before anything runs, so a preset's required value (capsexp_required) fails first
+    ("backbone.weights", lambda v: v is None or isinstance(v, str),
+     "null, a torchvision weights name such as IMAGENET1K_V1, or a file path"),
+    ("backbone.freeze_depth", integer(0, 5), "an integer from 0 to 5"),
+]
+# a weights name the chosen architecture lacks fails here, before any download is tried
+OPTION_CHECKS: dict[str, list[Check]] = {
+    arch: [("backbone.weights", *_weights_for(arch))] for arch in BACKBONES
+}
 
 
 def feature_size(image_size: int) -> int:
-    """Side of the ``[B, 2048, h, h]`` feature map for a square input: five stride-2 halvings."""
+    """Side of the ``[B, C, h, h]`` feature map for a square input: five stride-2 halvings."""
     size = image_size
     for _ in range(5):
         size = (size + 1) // 2  # every stride-2 convolution/pool here rounds up
@@ -28,15 +66,18 @@ def feature_size(image_size: int) -> int:
 
 
 class Backbone(nn.Module):
-    """ResNet50 without ``avgpool``/``fc``; returns the ``[B, 2048, H/32, W/32]`` feature map.
+    """A ResNet without ``avgpool``/``fc``; returns the ``[B, out_channels, H/32, W/32]`` feature map.
 
     Children keep torchvision's names (``conv1``, ``bn1``, ``layer1``...), so torchvision state
     dicts load directly. Stages are read from that structure: everything before the first
     ``layer<N>`` child is the stem, each ``layer<N>`` is one stage.
     """
 
-    def __init__(self, resnet: nn.Module, freeze_depth: int = 0) -> None:
+    def __init__(self, resnet: nn.Module, arch: str, freeze_depth: int = 0) -> None:
         super().__init__()
+        self.arch = arch
+        # what the architecture's own classifier reads: 512 for resnet18/34, 2048 for the others
+        self.out_channels = int(resnet.fc.in_features)
         for name, child in resnet.named_children():
             if name not in ("avgpool", "fc"):
                 self.add_module(name, child)
@@ -75,24 +116,48 @@ class Backbone(nn.Module):
         return x
 
 
-def build_backbone(cfg: Any) -> Backbone:
-    """Build the trunk from the ``backbone`` config group: weights, then freezing."""
+def build_backbone(cfg: Any, with_weights: bool = True) -> Backbone:
+    """Build the trunk from the ``backbone`` config group: architecture, freezing, then weights.
+
+    ``with_weights=False`` stops before any file or download is read, so a caller can size what
+    follows from ``out_channels`` and fail early; ``load_weights`` finishes the job.
+    """
+    _check(cfg)
+    arch = str(cfg.name)
     # zero-initialised last BN of each residual block: a random-init trunk starts as a shallow
     # network with well-scaled outputs (Goyal et al. 2017); loaded weights overwrite it anyway
-    resnet = torchvision.models.get_model(cfg.name, weights=None, zero_init_residual=True)
-    weights = cfg.weights
-    if weights is not None:
-        state = _torchvision_state(cfg.name, str(weights)) if str(weights) in TORCHVISION_WEIGHTS \
-            else _file_state(str(weights))
-        _load_trunk(resnet, state, str(weights))
-    return Backbone(resnet, freeze_depth=int(cfg.freeze_depth))
+    resnet = torchvision.models.get_model(arch, weights=None, zero_init_residual=True)
+    backbone = Backbone(resnet, arch, freeze_depth=int(cfg.freeze_depth))
+    return load_weights(backbone, cfg.weights) if with_weights else backbone
+
+
+def _check(cfg: Any) -> None:
+    """The same sentences as ``capsexp.config.validate``, for callers that skip it."""
+    name_check: Check = ("backbone.name", choice(*BACKBONES), one_of(BACKBONES))
+    for key, ok, allowed in [name_check, *CHECKS, *OPTION_CHECKS.get(str(cfg.name), [])]:
+        value = cfg.get(key.split(".", 1)[1])
+        if not ok(value):
+            raise UserError(f"{key}={value!r} is not allowed; it must be {allowed}.")
+
+
+def load_weights(backbone: Backbone, weights: str | None) -> Backbone:
+    """Load ``weights`` (null, a torchvision weights name or a file) into the trunk; return it."""
+    if weights is None:
+        return backbone
+    source = str(weights)
+    ok, allowed = _weights_for(backbone.arch)
+    if not ok(source):
+        raise UserError(f"backbone.weights={source!r} is not allowed; it must be {allowed}.")
+    state = _torchvision_state(backbone.arch, source) if _is_weights_name(source) \
+        else _file_state(source, backbone.arch)
+    _load_trunk(backbone, state, source)
+    return backbone
 
 
 def _torchvision_state(arch: str, name: str) -> dict[str, Tensor]:
-    enum = torchvision.models.get_model_weights(arch)
+    weights = torchvision.models.get_model_weights(arch)[name]  # the name was checked: no KeyError
     try:
-        return enum[name].get_state_dict(progress=True, check_hash=True) if name != "DEFAULT" \
-            else enum.DEFAULT.get_state_dict(progress=True, check_hash=True)
+        return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as exc:  # URLError, hash mismatch, partial download...
         hub = torch.hub.get_dir()
         raise UserError(
@@ -102,12 +167,12 @@ def _torchvision_state(arch: str, name: str) -> dict[str, Tensor]:
         ) from None
 
 
-def _file_state(path: str) -> dict[str, Tensor]:
-    names = ", ".join(TORCHVISION_WEIGHTS[:2])
+def _file_state(path: str, arch: str) -> dict[str, Tensor]:
+    names = one_of(WEIGHTS[arch])
     obj = read_torch_file(
         path, "backbone.weights",
         "no file at '{path}'; pass an existing state_dict or capsexp checkpoint, "
-        f"a torchvision name ({names}), or null for random init.",
+        f"one of torchvision's {arch} weights ({names}), or null for random init.",
         "'{path}' is not a readable PyTorch state_dict or capsexp checkpoint ({error}).")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # a capsexp checkpoint
@@ -116,21 +181,23 @@ def _file_state(path: str) -> dict[str, Tensor]:
     return obj
 
 
-def _load_trunk(resnet: nn.Module, state: dict[str, Tensor], source: str) -> None:
+def _load_trunk(backbone: Backbone, state: dict[str, Tensor], source: str) -> None:
     """Load the trunk's tensors from torchvision, plain, DDP (``module.``) or capsexp (``backbone.``) keys."""
-    trunk = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    trunk = backbone.state_dict()  # torchvision's names, less ``fc``: a torchvision file's ``fc.*`` is ignored
     cleaned: dict[str, Tensor] = {}
     for key, value in state.items():
         for prefix in ("module.", "backbone."):
             key = key[len(prefix):] if key.startswith(prefix) else key
         if key in trunk:
             cleaned[key] = value
-    missing = [k for k in trunk if k not in cleaned]
+    # num_batches_tracked is a counter, not a weight, and files saved before PyTorch 0.4.1 lack it:
+    # BatchNorm fills it in when it is absent
+    missing = [k for k in trunk if k not in cleaned and not k.endswith("num_batches_tracked")]
     wrong = [k for k, v in cleaned.items() if tuple(v.shape) != tuple(trunk[k].shape)]
     if missing or wrong:
         bad = (missing or wrong)[0]
         raise UserError(
-            f"backbone.weights: '{source}' does not fit ResNet50 ({len(missing)} tensors missing, "
+            f"backbone.weights: '{source}' does not fit {backbone.arch} ({len(missing)} tensors missing, "
             f"{len(wrong)} of the wrong shape, e.g. '{bad}')."
         )
-    resnet.load_state_dict(cleaned, strict=False)
+    backbone.load_state_dict(cleaned)

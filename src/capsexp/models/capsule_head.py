@@ -17,11 +17,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from capsexp.capsules import coupling_entropy, dynamic_routing, squash
-from capsexp.models.heads import Head
+from capsexp.checks import Check, boolean, integer, positive
+from capsexp.data import IMAGENET_MEAN, IMAGENET_STD
+from capsexp.models.heads import Head, HeadOutput
 
 # A primary capsule shorter than this is counted as inactive in telemetry: after squashing,
 # length 0.05 means |s| of about 0.23, i.e. a capsule that says almost nothing.
@@ -30,12 +33,6 @@ INACTIVE_LENGTH = 0.05
 LENGTH_EPS = 1e-8
 # How many inputs (with their reconstructions) the image grid shows.
 GRID_IMAGES = 8
-
-
-def _positive(value: int, key: str) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{key} must be an integer >= 1; got {value!r}")
-    return int(value)
 
 
 def capsule_length(v: Tensor) -> Tensor:
@@ -61,11 +58,8 @@ class PrimaryCapsules(nn.Module):
         pooled: bool,
     ) -> None:
         super().__init__()
-        height, width = (_positive(s, "head feature_size") for s in feature_size)
-        self.types = _positive(types, "head.primary.types")
-        self.dim = _positive(dim, "head.primary.dim")
-        kernel = _positive(kernel_size, "head.primary.kernel_size")
-        stride = _positive(stride, "head.primary.stride")
+        height, width = feature_size
+        self.types, self.dim, kernel = int(types), int(dim), int(kernel_size)
         kernel_hw = (min(kernel, height), min(kernel, width))
         self.out_size = (
             (height - kernel_hw[0]) // stride + 1,
@@ -145,18 +139,20 @@ def _decoder(in_features: int, hidden: Sequence[int], out_features: int) -> nn.S
 
 
 def reconstruction_target(images: Tensor, size: int) -> Tensor:
-    """Images ``[B, 1 or 3, H, W]`` (any normalisation) to ``[B, 3, size, size]`` in [0, 1].
+    """ImageNet-normalised images ``[B, 3, H, W]`` back to the originals ``[B, 3, size, size]`` in [0, 1].
 
-    Area downsampling, then per-image min-max: the inputs arrive ImageNet-normalised, and
-    min-max maps them back to the decoder's sigmoid range without knowing the statistics.
+    The data pipeline normalises every image per channel with ``IMAGENET_MEAN``/``IMAGENET_STD``
+    (grayscale datasets become RGB first); undoing exactly that recovers the image the decoder's
+    sigmoid should draw. Values are clamped to [0, 1] (antialiased resizing can overshoot),
+    then area-downsampled to ``size``.
     """
-    if images.shape[1] not in (1, 3):
-        raise ValueError(f"reconstruction needs 1- or 3-channel images; got {images.shape[1]}")
-    small = F.interpolate(images.float(), size=(size, size), mode="area")
-    small = small.expand(-1, 3, -1, -1)
-    low = small.amin(dim=(1, 2, 3), keepdim=True)
-    high = small.amax(dim=(1, 2, 3), keepdim=True)
-    return (small - low) / (high - low).clamp_min(1e-6)
+    if images.shape[1] != 3:
+        raise ValueError(f"reconstruction needs 3-channel ImageNet-normalised images; got {images.shape[1]}")
+    x = images.float()
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    original = (x * std + mean).clamp(0.0, 1.0)
+    return F.interpolate(original, size=(size, size), mode="area")
 
 
 class CapsuleHead(Head):
@@ -168,28 +164,23 @@ class CapsuleHead(Head):
         feature_size: tuple[int, int],
         num_classes: int,
         *,
-        primary_types: int = 32,
-        primary_dim: int = 8,
-        kernel_size: int = 1,
-        stride: int = 1,
-        pooled: bool = False,
-        class_dim: int = 16,
-        init_std: float = 0.05,
-        share_weights: bool = False,
-        routing_iterations: int = 3,
-        routing_detach: bool = False,
-        reconstruction: bool = False,
-        decoder_hidden: Sequence[int] = (512, 1024),
-        decoder_image_size: int = 28,
+        primary_types: int,
+        primary_dim: int,
+        kernel_size: int,
+        stride: int,
+        pooled: bool,
+        class_dim: int,
+        init_std: float,
+        share_weights: bool,
+        routing_iterations: int,
+        routing_detach: bool,
+        reconstruction: bool,
+        decoder_hidden: Sequence[int],
+        decoder_image_size: int,
     ) -> None:
         super().__init__()
-        _positive(in_channels, "head in_channels")
-        self.num_classes = _positive(num_classes, "num_classes")
-        self.class_dim = _positive(class_dim, "head.class_dim")
-        self.routing_iterations = _positive(routing_iterations, "head.routing.iterations")
-        self.routing_detach = bool(routing_detach)
-        if not init_std > 0:
-            raise ValueError(f"head.init_std must be > 0; got {init_std!r}")
+        self.num_classes, self.class_dim = int(num_classes), int(class_dim)
+        self.routing_iterations, self.routing_detach = int(routing_iterations), bool(routing_detach)
         self.primary = PrimaryCapsules(
             in_channels, feature_size, primary_types, primary_dim, kernel_size, stride, pooled
         )
@@ -197,16 +188,12 @@ class CapsuleHead(Head):
             self.primary.num_capsules, self.primary.types, self.num_classes, self.class_dim,
             self.primary.dim, init_std, share_weights,
         )
-        self.reconstruction = bool(reconstruction)
+        self.image_size = int(decoder_image_size)
         self.decoder: nn.Sequential | None = None
-        if self.reconstruction:
-            hidden = [_positive(h, "head.decoder.hidden entries") for h in decoder_hidden]
-            self.image_size = _positive(decoder_image_size, "head.decoder.image_size")
+        if reconstruction:
             self.decoder = _decoder(
-                self.num_classes * self.class_dim, hidden, 3 * self.image_size**2
+                self.num_classes * self.class_dim, list(decoder_hidden), 3 * self.image_size**2
             )
-        self._state: dict[str, Tensor] | None = None
-        self._cached_reconstruction: Tensor | None = None
 
     @classmethod
     def from_config(
@@ -238,32 +225,23 @@ class CapsuleHead(Head):
             decoder_image_size=decoder["image_size"],
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Features ``[B, C, H, W]`` to class scores (capsule lengths) ``[B, num_classes]``."""
+    def forward(self, x: Tensor) -> HeadOutput:
+        """Features ``[B, C, H, W]`` to class scores (capsule lengths) ``[B, num_classes]``.
+
+        ``extras``: the class capsules ``v`` (with their graph: the reconstruction loss trains
+        through them), the coupling entropy of every routing iteration and the primary lengths.
+        """
         u = self.primary(x)
         u_hat = self.class_caps(u)
         v, couplings = dynamic_routing(
             u_hat, self.routing_iterations, detach=self.routing_detach, return_couplings=True
         )
-        lengths = capsule_length(v)
         with torch.no_grad():
             # reduced now, so no [iterations, B, I, J] tensor outlives this forward (with 1000
             # classes at 224 px that would be gigabytes held until the next step)
             entropy = torch.stack([coupling_entropy(c) for c in couplings])
-        # Kept for the hooks; v keeps its graph because the reconstruction loss trains through it.
-        self._state = {
-            "v": v,
-            "lengths": lengths.detach(),
-            "coupling_entropy": entropy,
-            "primary_lengths": capsule_length(u.detach()),
-        }
-        self._cached_reconstruction = None
-        return lengths
-
-    def _latest(self) -> dict[str, Tensor]:
-        if self._state is None:
-            raise RuntimeError("CapsuleHead hooks read the latest forward; call forward first")
-        return self._state
+        extras = {"v": v, "coupling_entropy": entropy, "primary_lengths": capsule_length(u.detach())}
+        return HeadOutput(capsule_length(v), extras)
 
     def _reconstruct(self, v: Tensor, targets: Tensor) -> Tensor:
         """Decode one class capsule per image (others masked to zero) to ``[B, 3, s, s]``.
@@ -277,50 +255,68 @@ class CapsuleHead(Head):
         flat = self.decoder((v * mask[..., None]).flatten(1))
         return flat.float().view(-1, 3, self.image_size, self.image_size)
 
-    def auxiliary_loss(self, images: Tensor, targets: Tensor) -> Tensor | None:
+    def auxiliary_loss(self, out: HeadOutput, images: Tensor,
+                       targets: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         """Reconstruction loss: squared error summed over each image, averaged over the batch.
 
         This is the paper's formulation, to which its weight of 0.0005 applies. The target has
         ``3 * s * s`` values per image (the paper had 28 * 28 = 784), which the weight should
-        account for. Returns None when the head has no decoder.
+        account for. Also returns the first ``GRID_IMAGES`` targets and reconstructions
+        (detached) for ``images``. None when the head has no decoder.
         """
         if self.decoder is None:
             return None
-        recon = self._reconstruct(self._latest()["v"], targets)
-        self._cached_reconstruction = recon.detach()
+        recon = self._reconstruct(out.extras["v"], targets)
         target = reconstruction_target(images, self.image_size)
-        return (recon - target).pow(2).flatten(1).sum(dim=1).mean()
+        loss = (recon - target).pow(2).flatten(1).sum(dim=1).mean()
+        visuals = {"reconstruction": recon[:GRID_IMAGES].detach(),
+                   "reconstruction_target": target[:GRID_IMAGES].detach()}
+        return loss, visuals
 
-    def telemetry(self, targets: Tensor) -> dict[str, Tensor]:
-        """Routing and capsule diagnostics of the latest forward, as detached 0-d tensors.
+    def telemetry(self, out: HeadOutput, targets: Tensor) -> dict[str, Tensor]:
+        """Routing and capsule diagnostics, as detached 0-d tensors.
 
         ``capsule/inactive_input_fraction`` counts primary capsules shorter than
         ``INACTIVE_LENGTH`` (0.05).
         """
-        state = self._latest()
-        out = {
+        out_ = {
             f"capsule/coupling_entropy/iter{k + 1}": h
-            for k, h in enumerate(state["coupling_entropy"].unbind())
+            for k, h in enumerate(out.extras["coupling_entropy"].unbind())
         }
-        lengths = state["lengths"]
+        lengths = out.scores.detach()
         is_true = F.one_hot(targets.long(), self.num_classes).to(lengths.dtype)
-        out["capsule/true_class_length"] = (lengths * is_true).sum() / is_true.sum()
+        out_["capsule/true_class_length"] = (lengths * is_true).sum() / is_true.sum()
         others = 1.0 - is_true
-        out["capsule/other_class_length"] = (lengths * others).sum() / others.sum().clamp_min(1)
-        inactive = (state["primary_lengths"] < INACTIVE_LENGTH).float()
-        out["capsule/inactive_input_fraction"] = inactive.mean()
-        return out
+        out_["capsule/other_class_length"] = (lengths * others).sum() / others.sum().clamp_min(1)
+        inactive = (out.extras["primary_lengths"] < INACTIVE_LENGTH).float()
+        out_["capsule/inactive_input_fraction"] = inactive.mean()
+        return out_
 
     @torch.no_grad()
-    def images(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    def images(self, visuals: dict[str, Tensor]) -> dict[str, Tensor]:
         """Up to 8 inputs (top row) above their reconstructions, as one grid ``[3, H, W]``."""
-        if self.decoder is None:
+        if "reconstruction" not in visuals:
             return {}
-        count = min(GRID_IMAGES, images.shape[0])
-        recon = self._cached_reconstruction
-        if recon is None:
-            # Only the decoder runs again, on at most 8 capsule sets: no second backbone pass.
-            recon = self._reconstruct(self._latest()["v"][:count], targets[:count])
-        inputs = reconstruction_target(images[:count], self.image_size)
-        grid = make_grid(torch.cat([inputs, recon[:count].float()]), nrow=count, padding=2)
+        inputs, recon = visuals["reconstruction_target"], visuals["reconstruction"]
+        grid = make_grid(torch.cat([inputs.float(), recon.float()]), nrow=inputs.shape[0], padding=2)
         return {"capsule/reconstruction": grid.clamp(0, 1)}
+
+
+def _hidden(v: Any) -> bool:
+    return OmegaConf.is_list(v) and all(integer(1)(h) for h in v)
+
+
+CHECKS: list[Check] = [
+    ("head.routing.iterations", integer(1), "an integer >= 1"),
+    ("head.routing.detach", boolean, "true or false"),
+    ("head.primary.types", integer(1), "a positive integer"),
+    ("head.primary.dim", integer(1), "a positive integer"),
+    ("head.primary.kernel_size", integer(1), "a positive integer"),
+    ("head.primary.stride", integer(1), "a positive integer"),
+    ("head.primary.pooled", boolean, "true or false"),
+    ("head.class_dim", integer(1), "a positive integer"),
+    ("head.init_std", positive(), "a positive number"),
+    ("head.share_weights", boolean, "true or false"),
+    ("head.decoder.hidden", _hidden, "a list of positive integers, e.g. [512,1024]"),
+    ("head.decoder.image_size", integer(1), "a positive integer"),
+]

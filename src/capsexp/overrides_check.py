@@ -1,11 +1,12 @@
-"""The command line checked before Hydra starts a job.
+"""The command line of ``capsexp train`` and ``capsexp bench``, checked before Hydra starts a job.
 
 Hydra reports an unknown key or group option with a multi-line message (its config search path
 included) after it has created the run folder, and a bad value in a sweep only when that job runs.
-``precheck`` composes what the command line asks for with Hydra's compose API and validates it
-first, so every such mistake is one sentence with exit code 2 and nothing is written. Whatever it
-cannot judge here (a custom search path, a value only known inside the job, a glob sweep) it leaves
-to Hydra and the run itself: a valid command line must never be refused.
+``check_command_line`` composes what the command line asks for with Hydra's compose API (the
+command's own primary config) and validates it first, so every such mistake is one sentence with
+exit code 2 and nothing is written. Whatever it cannot judge here (a custom search path, a value
+only known inside the job, a glob sweep) it leaves to Hydra and the run itself: a valid command
+line must never be refused.
 """
 
 from __future__ import annotations
@@ -15,86 +16,20 @@ import fnmatch
 import itertools
 import re
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from capsexp.arguments import KNOWN_FLAGS, NO_CHECK_FLAGS, is_hydra_key, split_arguments
 from capsexp.errors import UserError, user_error_in
+from capsexp.groups import CONFIG_NAMES, command_of_group, config_groups, group_option, group_options
+from capsexp.rundir import refuse_taken_folder
 
-# Hydra's command-line flags: those that take a value, and those after which nothing is checked
-# (help, shell completion, another config tree)
-FLAGS_WITH_VALUE = frozenset({"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
-                              "-cd", "--config-dir", "--experimental-rerun"})
-NO_CHECK_FLAGS = frozenset({"-h", "--help", "--hydra-help", "--version", "-sc", "--shell-completion", "-i",
-                            "--info", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
-                            "--experimental-rerun"})
-KNOWN_FLAGS = FLAGS_WITH_VALUE | NO_CHECK_FLAGS | {"-m", "--multirun", "-r", "--run", "--resolve"}
-INFO_VALUES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
 # Hydra runs one of these modes per command
 MODES = {"-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
          "-sc": "--shell-completion", "--shell-completion": "--shell-completion", "-r": "--run", "--run": "--run"}
 MAX_COMPOSITIONS = 32  # jobs of one sweep composed here; the rest check themselves when they run
-
-
-def is_hydra_key(key: str) -> bool:
-    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
-
-
-def split_arguments(args: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Hydra's flags (with their values, in order) and the overrides among the arguments.
-
-    A bare ``--info`` gets its default value ``all`` spelled out, so that it may move in front of
-    the overrides without taking one of them as its value.
-    """
-    flags: list[str] = []
-    overrides: list[str] = []
-    index = 0
-    while index < len(args):
-        item = args[index]
-        index += 1
-        if not item.startswith("-"):
-            overrides.append(item)
-            continue
-        flags.append(item)
-        if item in ("-i", "--info"):
-            if index < len(args) and args[index] in INFO_VALUES:
-                flags.append(args[index])
-                index += 1
-            else:
-                flags.append("all")
-        elif item in FLAGS_WITH_VALUE and index < len(args):
-            flags.append(args[index])
-            index += 1
-    return flags, overrides
-
-
-def hydra_argv(args: Sequence[str]) -> list[str]:
-    """Flags first, then overrides: Hydra's parser rejects a flag between overrides
-    (``capsexp train head=capsule -m head.routing.iterations=1,3`` would otherwise fail)."""
-    flags, overrides = split_arguments(args)
-    return [*flags, *overrides]
-
-
-def _conf() -> Any:
-    return resources.files("capsexp.conf")
-
-
-def group_options(group: str) -> list[str]:
-    folder = _conf().joinpath(group)
-    if not folder.is_dir():
-        return []
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def group_option(group: str, option: str) -> DictConfig:
-    """The file of one option of a config group, as written (its own defaults list not applied)."""
-    return OmegaConf.load(str(_conf().joinpath(group, f"{option}.yaml")))
-
-
-def _config_groups() -> list[str]:
-    return sorted(p.name for p in _conf().iterdir() if p.is_dir() and not p.name.startswith(("_", "hydra")))
 
 
 def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -106,9 +41,13 @@ def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def _key_hint(key: str, overrides: list[str]) -> str:
-    """Where an unknown key lives: another option of its group, or a near spelling."""
+def _key_hint(key: str, overrides: list[str], command: str) -> str:
+    """Where an unknown key lives: another command's config, another option of its group, or a
+    near spelling."""
     group, _, rest = key.partition(".")
+    owner = command_of_group(group)
+    if owner is not None and group not in config_groups(CONFIG_NAMES[command]):  # bench.* on train
+        return f"; it is a setting of capsexp {owner}, not of capsexp {command}."
 
     def defines(option: str) -> bool:  # a group file is either in its package or global (# @package _global_)
         conf = group_option(group, option)
@@ -119,20 +58,22 @@ def _key_hint(key: str, overrides: list[str]) -> str:
         options = " or ".join(f"{group}={o}" for o in owners)
         return f"; it exists only with {options}"
     try:  # the config without the failing override, for spelling suggestions
-        keys = _dotted_keys(_compose([o for o in overrides if not o.lstrip("+~").startswith(key + "=")]))
+        keys = _dotted_keys(_compose(command, [o for o in overrides if not o.lstrip("+~").startswith(key + "=")]))
     except UserError:
         keys = []
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
     return f"; did you mean {close[0]}?" if close else f" (to add a new key, write +{key}=...)"
 
 
-def _compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
-    """The config ``overrides`` make (inside an initialised Hydra), or UserError with one sentence."""
+def _compose(command: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """The config ``overrides`` make of the command's primary config (inside an initialised Hydra),
+    or UserError with one sentence."""
     from hydra import compose
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
+    config_name = CONFIG_NAMES[command]
     try:
-        return compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=with_hydra)
     except MissingConfigException as exc:
         missing = str(getattr(exc, "missing_cfg_file", "") or "")
         group, _, option = missing.rpartition("/")
@@ -145,10 +86,10 @@ def _compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
         found = re.search(r"Could not override '([^']+)'", text)
         if found and found.group(1) and "No match in the defaults list" in text:
             raise UserError(f"{found.group(1)} is not a config group; the groups are "
-                            f"{', '.join(_config_groups())}.") from None
+                            f"{', '.join(config_groups(config_name))}.") from None
         if found and found.group(1):
             key = found.group(1)
-            raise UserError(f"{key} is not a key of this configuration{_key_hint(key, overrides)}") from None
+            raise UserError(f"{key} is not a key of this configuration{_key_hint(key, overrides, command)}") from None
         raise UserError(text.splitlines()[0]) from None
 
 
@@ -197,16 +138,31 @@ def _choices(overrides: Any) -> list[list[str]] | None:
     return out
 
 
-def precheck(command: str, args: Sequence[str]) -> None:
-    """Raise UserError (one sentence) for a command line Hydra would reject or a job would fail on.
-
-    Under ``-m`` each swept value is composed and validated with the other swept keys at their
-    first value, so a bad value fails the sweep before its first job runs. A run folder that already
-    holds a run is refused here, before Hydra rewrites its ``.hydra/`` record.
-    """
-    from hydra import initialize_config_module
+def _parse(items: Sequence[str]) -> list[Any]:
+    """Hydra's parse of every override, or UserError naming the first that is not one."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for item in items:
+        try:
+            parsed.append(parser.parse_override(item))
+        except HydraException as exc:  # the grammar's errors are raised as HydraException
+            raise UserError(f"'{item}' is not a valid override ({str(exc).splitlines()[0].rstrip('.')}); "
+                            f"write key=value, e.g. head=capsule or data.image_size=64.") from None
+    return parsed
+
+
+def check_command_line(command: str, args: Sequence[str]) -> None:
+    """Raise UserError (one sentence) for a command line Hydra would reject or a job would fail on.
+
+    ``command`` is ``train`` or ``bench``; ``args`` follow it. Under ``-m`` each swept value is
+    composed and validated with the other swept keys at their first value, so a bad value fails the
+    sweep before its first job runs. A run folder that already holds a run is refused here, before
+    Hydra rewrites its ``.hydra/`` record.
+    """
+    from hydra import initialize_config_module
 
     flag_tokens, items = split_arguments(args)
     flags = {f.split("=", 1)[0] for f in flag_tokens if f.startswith("-")}
@@ -216,14 +172,7 @@ def precheck(command: str, args: Sequence[str]) -> None:
                         f"--run and --shell-completion per command.")
     if flags & NO_CHECK_FLAGS or flags - KNOWN_FLAGS:  # an abbreviation like --multi: Hydra decides
         return
-    parser = OverridesParser.create()
-    parsed = []
-    for item in items:
-        try:
-            parsed.append(parser.parse_override(item))
-        except HydraException as exc:  # the grammar's errors are raised as HydraException
-            raise UserError(f"'{item}' is not a valid override ({str(exc).splitlines()[0].rstrip('.')}); "
-                            f"write key=value, e.g. head=capsule or data.image_size=64.") from None
+    parsed = _parse(items)
     hydra_keys = {o.key_or_group: o for o in parsed if is_hydra_key(o.key_or_group)}
     if "hydra.searchpath" in hydra_keys:  # configs from elsewhere: only Hydra can compose them
         return
@@ -241,38 +190,51 @@ def precheck(command: str, args: Sequence[str]) -> None:
     printing = bool(flags & {"-c", "--cfg"})  # --cfg shows the config, whatever its values
     with initialize_config_module(config_module="capsexp.conf", version_base="1.3"):
         if multirun:
-            # a preset's own sweep (hydra.sweeper.params), read as Hydra's sweeper reads it: from
-            # the config of the non-swept overrides and the command line's hydra.sweeper.* ones;
-            # keys the command line sets win
-            sweeper = [o.input_line for o in parsed if o.key_or_group.startswith("hydra.sweeper.")
-                       and not o.is_sweep_override()]
-            # (Hydra composes this config first and stops there if it fails: so does this check)
-            params = OmegaConf.select(_compose(fixed + sweeper, with_hydra=True), "hydra.sweeper.params",
-                                      default=None)
-            pinned = {o.key_or_group for o in plain}
-            preset = _choices(parser.parse_override(f"{key}={value}") for key, value in (params or {}).items()
-                              if key not in pinned)
+            preset = _preset_choices(command, parsed, fixed)
             if preset is None:
                 return
             choices += preset
-        first = [values[0] for values in choices]
-        jobs = itertools.chain([first], (first[:k] + [v] + first[k + 1:]
-                                         for k, values in enumerate(choices) for v in values[1:]))
-        for swept in itertools.islice(jobs, MAX_COMPOSITIONS):
-            try:
-                cfg = _compose(fixed + swept)
-                if not printing:
-                    _validate(cfg)
-            except UserError as exc:
-                where = f"in the job with {', '.join(swept)}: " if swept else ""
-                raise UserError(f"{where}{exc}") from None
-            if swept is first and command == "train" and not multirun and not printing:
-                _check_run_folder(parsed, cfg)
+        folder = parsed if command == "train" and not multirun and not printing else None
+        _check_jobs(command, fixed, choices, validate=not printing, folder_of=folder)
+
+
+def _preset_choices(command: str, parsed: list[Any], fixed: list[str]) -> list[list[str]] | None:
+    """A preset's own sweep (``hydra.sweeper.params``), read as Hydra's sweeper reads it: from the
+    config of the non-swept overrides and the command line's ``hydra.sweeper.*`` ones; keys the
+    command line sets win. None where a sweep cannot be listed here."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = [o.input_line for o in parsed if o.key_or_group.startswith("hydra.sweeper.")
+               and not o.is_sweep_override()]
+    # (Hydra composes this config first and stops there if it fails: so does this check)
+    params = OmegaConf.select(_compose(command, fixed + sweeper, with_hydra=True), "hydra.sweeper.params",
+                              default=None)
+    pinned = {o.key_or_group for o in parsed if not is_hydra_key(o.key_or_group)}
+    parser = OverridesParser.create()
+    return _choices(parser.parse_override(f"{key}={value}") for key, value in (params or {}).items()
+                    if key not in pinned)
+
+
+def _check_jobs(command: str, fixed: list[str], choices: list[list[str]], validate: bool,
+                folder_of: list[Any] | None) -> None:
+    """Compose (and validate) the first job and each other value of every swept key; with
+    ``folder_of`` (the overrides of a single run), refuse a run folder that is taken."""
+    first = [values[0] for values in choices]
+    jobs = itertools.chain([first], (first[:k] + [v] + first[k + 1:]
+                                     for k, values in enumerate(choices) for v in values[1:]))
+    for swept in itertools.islice(jobs, MAX_COMPOSITIONS):
+        try:
+            cfg = _compose(command, fixed + swept)
+            if validate:
+                _validate(cfg)
+        except UserError as exc:
+            where = f"in the job with {', '.join(swept)}: " if swept else ""
+            raise UserError(f"{where}{exc}") from None
+        if swept is first and folder_of is not None:
+            _check_run_folder(folder_of, cfg)
 
 
 def _check_run_folder(parsed: list[Any], cfg: DictConfig) -> None:
-    from capsexp.train import refuse_taken_folder
-
     given = [o.value() for o in parsed if o.key_or_group == "hydra.run.dir"]
     resume = OmegaConf.select(cfg, "trainer.resume", default=None, throw_on_resolution_failure=False)
     if given and isinstance(given[-1], str) and "${" not in given[-1] and resume is None:

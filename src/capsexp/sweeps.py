@@ -1,0 +1,90 @@
+"""Sweep job folders named by what the sweep varies: ``<job number>_<swept key=value,...>``.
+
+``hydra.sweep.subdir`` in ``conf/config.yaml`` calls the ``capsexp_sweep_subdir`` resolver, so
+every job's folder (and so its TensorBoard run) says what differs between the jobs. The resolver is
+registered when this module is imported: the Hydra apps' module imports it, and joblib workers
+import that module when they unpickle the task function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Any, Iterable, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from capsexp.arguments import is_hydra_key
+
+# The command line travels to every job through the environment: joblib workers and Slurm jobs
+# (sbatch exports the environment) resolve the folder name in their own process, where sys.argv
+# is not the user's command line.
+COMMAND_LINE_ENV = "CAPSEXP_COMMAND_LINE"
+# a rerun of a pre-empted job with trainer.resume=auto must land in the same folder
+SUBDIR_EXCLUDED = frozenset({"trainer.resume"})
+MAX_SUBDIR_CHARS = 120  # well below the 255-byte file-name limit, with room for the job number
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]")  # '/' above all: a path value must not make subfolders
+
+
+def pass_command_line(args: Sequence[str]) -> None:
+    """Hand the user's arguments (after the command word) to every job of a sweep."""
+    os.environ[COMMAND_LINE_ENV] = json.dumps(list(args))
+
+
+def _parse_overrides(items: Iterable[str]) -> list[Any]:
+    """Hydra's parse of each item on its own; what is not an override (a flag, its value) is skipped."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = []
+    for item in items:
+        try:
+            parsed.append(parser.parse_override(str(item)))
+        except Exception:  # noqa: BLE001 -- '-m', '--cfg', 'job' and the like are not overrides
+            continue
+    return parsed
+
+
+def swept_keys(command_line: Sequence[str], sweeper_params: Mapping[str, Any] | None) -> list[str]:
+    """The keys that vary between the jobs of a sweep, sorted (so the order typed does not matter).
+
+    A command-line sweep (``a,b``, ``range()``, ``choice()``, ``glob()``, ``interval()``) varies; so
+    does a sweep in ``hydra.sweeper.params`` unless the command line pins that key to one value
+    (the command line wins in Hydra's sweeper).
+    """
+    given = {o.key_or_group: o.is_sweep_override() for o in _parse_overrides(command_line)
+             if not is_hydra_key(o.key_or_group)}
+    keys = {key for key, sweep in given.items() if sweep}
+    params = _parse_overrides(f"{k}={v}" for k, v in (sweeper_params or {}).items())
+    keys |= {o.key_or_group for o in params if o.is_sweep_override() and o.key_or_group not in given}
+    return sorted(keys - SUBDIR_EXCLUDED)
+
+
+def sweep_subdir(job_overrides: Sequence[str], keys: Sequence[str], job_num: int) -> str:
+    """One job's folder name: ``<job number>_<key=value,...>`` over the swept ``keys``.
+
+    The job number always leads: it keeps names unique where the values alone would not (a value
+    repeated in a sweep, two values that differ only in characters replaced here, a truncated name)
+    and lists the folders in launch order. Nothing swept: the job number alone.
+    """
+    values = {o.key_or_group: o.get_value_element_as_str() for o in _parse_overrides(job_overrides)}
+    name = _UNSAFE.sub("_", ",".join(f"{k}={values[k]}" for k in keys if k in values))
+    number = f"{int(job_num):02d}"
+    return f"{number}_{name[:MAX_SUBDIR_CHARS]}" if name else number
+
+
+def _sweep_subdir_resolver(job_num: Any, *, _root_: DictConfig) -> str:
+    task = OmegaConf.select(_root_, "hydra.overrides.task", default=None)
+    params = OmegaConf.select(_root_, "hydra.sweeper.params", default=None)
+    try:  # set by the command; without it (the app called some other way) this process's own arguments
+        command_line = json.loads(os.environ[COMMAND_LINE_ENV])
+    except (KeyError, ValueError):
+        command_line = sys.argv[1:]
+    keys = swept_keys(command_line if isinstance(command_line, list) else [],
+                      OmegaConf.to_container(params) if params is not None else {})
+    return sweep_subdir(list(task) if task is not None else [], keys, job_num)
+
+
+OmegaConf.register_new_resolver("capsexp_sweep_subdir", _sweep_subdir_resolver, replace=True)
