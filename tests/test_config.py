@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from importlib import resources
+from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
 
-from capsexp.config import validate
-from conftest import make_cfg
+from capsexp.config import flatten, validate
+from conftest import TINY, make_cfg
 
 CONF = resources.files("capsexp.conf")
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
@@ -26,9 +28,25 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
     if group == "data" and option == "imagefolder":
         overrides.append("data.root=/somewhere")
     # tiny sets shapes-only keys; the bench group belongs to capsexp bench's config only
-    cfg = make_cfg(*overrides, tiny=group != "data", config_name="bench" if group == "bench" else "config")
-    assert cfg[group].name == option if "name" in cfg[group] else True
+    tiny = group != "data"
+    cfg = make_cfg(*overrides, tiny=tiny, config_name="bench" if group == "bench" else "config")
+    if "name" in cfg[group]:
+        assert cfg[group].name == option
+    # what the option's file says is what the run gets, but for the keys given on the command line
+    given = {o.split("=", 1)[0] for o in [*(TINY if tiny else []), *overrides]}
+    written = {k: v for k, v in _as_written(group, option).items() if k not in given}
+    assert written, f"{group}/{option}.yaml sets nothing"
+    composed = flatten(OmegaConf.to_container(cfg, resolve=False))
+    assert {k: composed.get(k, "<absent>") for k in written} == written
     validate(cfg)
+
+
+def _as_written(group: str, option: str) -> dict[str, Any]:
+    """An option file's values as ``{"group.key": value}`` (a ``_global_`` file says where itself)."""
+    path = CONF.joinpath(group, f"{option}.yaml")
+    tree = OmegaConf.to_container(OmegaConf.load(str(path)), resolve=False)
+    tree.pop("defaults", None)
+    return flatten(tree if "@package _global_" in path.read_text() else {group: tree})
 
 
 def test_capsule_head_defaults_to_margin_loss_and_loss_override_wins() -> None:

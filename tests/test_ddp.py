@@ -19,10 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from capsexp.checkpoint import load_checkpoint
-from capsexp.train import train
+from capsexp.models import build_model
+from capsexp.shapes import SHAPES_CLASSES
+from capsexp.train import seed_everything, train
 from conftest import TINY, make_cfg
 
 BATCH = 4  # per process; the single-process reference uses 2 x BATCH
@@ -52,6 +55,48 @@ def torchrun(overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+# How far float reordering can move the final weights, relative to how far training moved them.
+# The two processes add the same per-sample gradients in another order (two half-batch sums, then
+# the all-reduce) and run their kernels on half the batch, so each step's gradient differs by a
+# relative (K - 1) * u at worst for a K-term sum (u = 2**-24; K up to the 2048-wide feature sums:
+# ~1e-4), typically sqrt(K) * u ~ 3e-6. SGD's update is linear in the gradient, and six small
+# steps barely amplify the difference, so ||w_ddp - w_single|| stays below that fraction of
+# ||w_single - w_init||. 1e-3 is ten times the worst case, and ten times below a 1% error in the
+# update (the planted fault below): skipped gradient averaging (a 2x step), a lost shard or a
+# wrong seed are far larger. The change, not the weights' size, is the scale: a tolerance on the
+# weights themselves would pass a run that barely trained at all.
+WEIGHT_RTOL = 1e-3
+
+
+def initial_weights(cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """The weights ``train(cfg)`` starts from: it seeds, then builds the model (data draws no torch numbers)."""
+    seed_everything(int(cfg.seed))
+    return build_model(cfg, len(SHAPES_CLASSES)).state_dict()
+
+
+def change_and_floor(want: torch.Tensor, init: torch.Tensor) -> tuple[float, float]:
+    """``||want - init||`` and the rounding floor ``eps * ||want||``: a change of the weights far below
+    their size still moves some of them by one float32 step (2u |w|) when it is added, however small."""
+    return (want.double() - init.double()).norm().item(), torch.finfo(torch.float32).eps * want.double().norm().item()
+
+
+def weight_mismatches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                      init: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Tensors with ||got - want|| > WEIGHT_RTOL * ||want - init|| + the rounding floor, mapped to
+    how many times over; integer tensors (BatchNorm counters) must be equal."""
+    out = {}
+    for key, ref in want.items():
+        if not ref.is_floating_point():
+            if not torch.equal(got[key], ref):
+                out[key] = float("inf")
+            continue
+        change, floor = change_and_floor(ref, init[key])
+        diff, allowed = (got[key].double() - ref.double()).norm().item(), WEIGHT_RTOL * change + floor
+        if diff > allowed:
+            out[key] = diff / allowed if allowed > 0 else float("inf")
+    return out
+
+
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
@@ -74,11 +119,16 @@ def test_two_processes_train_like_one_with_twice_the_batch(head: str, tmp_path: 
         ["checkpoints", "config.yaml", "environment.json", "metrics.json", "tb"]
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # no rank wrote anywhere else
 
-    single_dir = tmp_path / "single"
+    single_dir, faulty_dir = tmp_path / "single", tmp_path / "faulty"
+    single_cfg = make_cfg(*COMMON, *CASES[head], f"data.batch_size={2 * BATCH}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1): same summation order
     try:
-        single = train(make_cfg(*COMMON, *CASES[head], f"data.batch_size={2 * BATCH}"), run_dir=single_dir)
+        single = train(single_cfg, run_dir=single_dir)
+        # the planted fault: every update 1% too large
+        train(make_cfg(*COMMON, *CASES[head], f"data.batch_size={2 * BATCH}",
+                       f"optim.lr={float(single_cfg.optim.lr) * 1.01}"), run_dir=faulty_dir)
+        init = initial_weights(single_cfg)
     finally:
         torch.set_num_threads(threads)
 
@@ -98,9 +148,18 @@ def test_two_processes_train_like_one_with_twice_the_batch(head: str, tmp_path: 
                           rtol=1e-5, atol=1e-6)
     ddp_weights = load_checkpoint(ddp_dir / "checkpoints" / "last.pt")["model"]
     single_weights = load_checkpoint(single_dir / "checkpoints" / "last.pt")["model"]
-    assert ddp_weights.keys() == single_weights.keys()
-    for key, value in single_weights.items():
-        assert torch.allclose(ddp_weights[key], value, rtol=1e-5, atol=1e-6), key
+    faulty_weights = load_checkpoint(faulty_dir / "checkpoints" / "last.pt")["model"]
+    assert ddp_weights.keys() == single_weights.keys() == init.keys()
+    moved = {k for k, v in single_weights.items() if not torch.equal(v, init[k])}
+    backbone = [k for k in init if k.startswith("backbone.")]
+    assert moved and backbone and not moved & set(backbone)  # frozen, so init is where training started
+    assert weight_mismatches(ddp_weights, single_weights, init) == {}
+    # the criterion sees a real divergence: it rejects the faulty run, in every tensor whose change
+    # is large enough for the relative bound to count (not only at the rounding floor)
+    rejected = set(weight_mismatches(faulty_weights, single_weights, init))
+    scales = {k: change_and_floor(single_weights[k], init[k]) for k in moved}
+    resolvable = {k for k, (change, floor) in scales.items() if WEIGHT_RTOL * change > floor}
+    assert rejected and resolvable <= rejected <= moved, (rejected, resolvable)
 
 
 def _worker_of_rank(launcher_pid: int, rank: int) -> int | None:

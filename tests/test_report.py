@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import matplotlib.image
 import numpy as np
 import pytest
+import yaml
 
 from capsexp.errors import UserError
 from capsexp.report import RUNNING, Run, build_rows, find_runs, main, parse_overrides, summarize
@@ -142,3 +144,52 @@ def test_report_of_one_run_folder(sweep: Path, tmp_path: Path) -> None:
     shutil.copytree(sweep / "00_head=fc", run, ignore=shutil.ignore_patterns("checkpoints"))
     main([str(run)])
     assert [row["run"] for row in read_csv(run / "report.csv")] == ["single"]
+
+
+# ---------------------------------------------------------------- safe to open
+
+PAYLOAD = "=cmd|' /C calc'!A0"  # a spreadsheet that evaluates this cell starts a program
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def hand_made_run(folder: Path, overrides: list[str], config: dict, metrics: dict) -> None:
+    """A run folder as the CLI leaves it: .hydra/overrides.yaml, config.yaml, metrics.json."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_files_are_safe_to_open(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    alarm = "@SUM(A1) <img src=x onerror=alert(1)> `code` | cell\n# injected heading"
+    hand_made_run(root / "00_evil", ["head=fc", f"trainer.note={PAYLOAD}", "seed=-1"],
+                  {"head": {"name": "fc"}, "seed": -1, "trainer": {"note": PAYLOAD}},
+                  {"status": "completed", "steps": 4, "val/acc": -0.25, "best/val/acc": 0.5,
+                   "alarm/vanishing_gradients": alarm})
+    hand_made_run(root / "@SUM(1+1)", ["head=capsule", "trainer.note=plain", "seed=2"],
+                  {"head": {"name": "capsule"}, "seed": 2, "trainer": {"note": "plain"}},
+                  {"status": "completed", "steps": 4, "val/acc": 0.75, "best/val/acc": 0.75})
+    main([str(root)])
+
+    with (root / "report.csv").open(newline="") as handle:
+        table = list(csv.reader(handle))
+    rows = {row["folder"]: row for row in read_csv(root / "report.csv")}
+    evil, other = rows["00_evil"], rows["'@SUM(1+1)"]
+    assert evil["trainer.note"] == "'" + PAYLOAD and evil["alarm"] == "'" + alarm
+    assert evil["seed"] == "-1" and evil["final_val_acc"] == "-0.25"  # numbers stay numbers
+    assert other["trainer.note"] == "plain" and other["seed"] == "2"
+    assert all(not cell.startswith(FORMULA_START) or cell.lstrip("-").replace(".", "").isdigit()
+               for line in table for cell in line)
+
+    markdown = (root / "report.md").read_text()
+    lines = markdown.splitlines()
+    table_lines = [line for line in lines if line.startswith("|")]
+    assert len(table_lines) == 4  # header, rule, two runs: no value broke a row
+    pipes = {len(re.findall(r"(?<!\\)\|", line)) for line in table_lines}
+    assert len(pipes) == 1  # the same number of columns in every row
+    assert "<img" not in markdown and "&lt;img src=x onerror=alert(1)&gt;" in markdown
+    assert "\\`code\\`" in markdown and "# injected heading" not in [line.strip() for line in lines]
+    assert "calc'!A0" in markdown and "\\|' /C calc" in markdown
+    alarm_lines = [line for line in lines if line.startswith("- alarm in ")]
+    assert len(alarm_lines) == 1 and alarm_lines[0].endswith("\\| cell # injected heading")  # one line

@@ -40,7 +40,7 @@ def build_loop(cfg: DictConfig, rt: Runtime, num_classes: int, total_steps: int,
     optimizer = build_optimizer(cfg.optim, groups)
     scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
     logger = RunLogger(log_dir if rt.is_main else None)
-    monitor = GradientMonitor(cfg.grads, int(cfg.trainer.log_every_n_steps), logger, model, optimizer) \
+    monitor = GradientMonitor(cfg.grads, int(cfg.trainer.log_every_n_steps), logger, model, total_steps) \
         if rt.is_main else None
     return Loop(objective=runnable, model=model, evaluator=evaluator, criterion=criterion, optimizer=optimizer,
                 scheduler=scheduler, scaler=rt.grad_scaler(), rt=rt, config=StepConfig.from_config(cfg.trainer),

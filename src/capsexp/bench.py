@@ -273,7 +273,7 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
     loop = build_loop(base, rt, classes, warmup * len(cfgs) + blocks * block * len(cfgs), tb_dir,
                       show_progress=False)
     monitors = [loop.monitor] + [GradientMonitor(c.grads, int(c.trainer.log_every_n_steps), loop.logger,
-                                                 loop.model, loop.optimizer) for c in cfgs[1:]]
+                                                 loop.model, loop.total_steps) for c in cfgs[1:]]
     # a step counter per configuration: each monitor sees steps 1, 2, ... as in a run of its own,
     # so work due at a step (a logging step, a flow figure) falls on the configuration it belongs to
     states, batches = [TrainState() for _ in cfgs], _batches(base, classes, rt)

@@ -16,6 +16,7 @@ from capsexp import data, diagnostics, engine, losses, optim, runtime
 from capsexp.checks import Check, one_of
 from capsexp.errors import UserError
 from capsexp.models import HEADS, adapters, backbone
+from capsexp.sweeps import LABEL_ALLOWED, valid_label
 
 GROUPS = ("backbone", "adapter", "head", "loss", "data", "optim", "trainer", "grads")
 # the module that reads each group with options (its registry names the options)
@@ -61,7 +62,8 @@ def _option_checks(cfg: DictConfig) -> list[Check]:
 def checks_for(cfg: DictConfig) -> list[Check]:
     """Every check that applies to this composed config."""
     checks: list[Check] = [("seed", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63,
-                            "an integer from 0 to 2**63 - 1")]
+                            "an integer from 0 to 2**63 - 1"),
+                           ("name", valid_label, LABEL_ALLOWED)]
     for module in SOURCES:
         checks += getattr(module, "CHECKS", [])
     return checks + _option_checks(cfg)

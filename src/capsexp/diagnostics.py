@@ -1,8 +1,13 @@
-"""Gradient diagnostics during training: measures with ``capsexp.gradients``, writes TensorBoard.
+"""What each stage learns, measured during training and written to TensorBoard.
 
 Tags (a public interface, read by ``capsexp report``): ``grad_norm/<stage>``, ``grad_norm/total``,
-``grad_to_weight/<stage>``, ``grad_rel_head/<stage>``, ``grad_norm_layer/<layer>``,
-``grad_hist/<stage>``, the image ``grad_flow`` and the text ``alarm/vanishing_gradients``.
+``grad_to_weight/<stage>``, ``grad_rel_head/<stage>`` (not for the head itself), ``grad_layer/<layer>``,
+``update_to_weight/<stage>``, ``update_to_weight_layer/<layer>``, ``grad_norm/features``, the images
+``grad_map/features``, ``grad_flow`` and ``stage_profile``, ``drift/<stage>`` (at validations),
+``grad_hist/<stage>`` and the texts ``alarm/<condition>``.
+
+The measures are pure functions (``capsexp.gradients``, ``capsexp.representations``, ``capsexp.alarms``);
+this module decides when they run, and nothing is copied or measured between logging steps.
 """
 
 from __future__ import annotations
@@ -14,9 +19,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from capsexp.alarms import AlarmEvent, ExplosionAlarm, NotLearningAlarm, VanishingAlarm
 from capsexp.checks import Check, boolean, integer, positive
-from capsexp.gradients import GradStats, VanishingAlarm, frozen_stages, gradient_stats, median_over_run
+from capsexp.drift import DriftProbe
+from capsexp.features import FeatureGradient
+from capsexp.gradients import (GradStats, frozen_stages, gradient_stats, parameter_layout, snapshot,
+                               trainable_stages, update_stats)
 from capsexp.models import STAGES, Classifier
+from capsexp.runtime import Runtime
+from capsexp.summary import RunHistory
 
 FLOW_LINES = 8  # logging steps drawn in one gradient-flow figure
 ALARM_STAGES = STAGES[:-1]  # the head is the reference the early stages are compared with
@@ -33,7 +44,11 @@ CHECKS: list[Check] = [
     ("grads.log_every_n_steps", integer(1), "a positive integer"),
     ("grads.histogram_every_n_steps", integer(0), "an integer >= 0 (0 = off)"),
     ("grads.figure_every_n_steps", integer(0), "an integer >= 0 (0 = off)"),
+    ("grads.drift.probe_images", integer(0), "an integer >= 0 (0 = off)"),
     ("grads.alarm.ratio", positive(), "a positive number"),
+    ("grads.alarm.update_ratio", positive(), "a positive number"),
+    ("grads.alarm.max_update_ratio", positive(), "a positive number"),
+    ("grads.alarm.grad_jump", positive(), "a positive number"),
     ("grads.alarm.patience", integer(1), "a positive integer"),
     ("grads.alarm.early_stages", _stage_list,
      f"a non-empty list drawn from {', '.join(ALARM_STAGES)}, e.g. [stem,layer1]"),
@@ -41,58 +56,93 @@ CHECKS: list[Check] = [
 
 
 class GradientMonitor:
-    """Called once per step after backward (and unscaling); does work only at its intervals."""
+    """Called by the step before forward, after backward (and unscaling) and after the update."""
 
     def __init__(self, grads_cfg: Any, telemetry_every: int, logger: Any, model: Classifier,
-                 optimizer: torch.optim.Optimizer) -> None:
+                 total_steps: int) -> None:
         self.cfg = grads_cfg
+        self.every = int(grads_cfg.log_every_n_steps)
         self.telemetry_every = telemetry_every
+        self.total_steps = total_steps
         self.logger = logger
         self.stages = model.stages()
         self.head = model.head
-        stages = self.stages
-        self.alarm = VanishingAlarm(list(grads_cfg.alarm.early_stages), float(grads_cfg.alarm.ratio),
-                                    int(grads_cfg.alarm.patience))
-        self.history: list[dict[str, float]] = []
+        self.frozen = frozen_stages(self.stages)
+        self.features = FeatureGradient(model.backbone)
+        alarm = grads_cfg.alarm
+        early, patience = list(alarm.early_stages), int(alarm.patience)
+        self.alarms = {"vanishing_gradients": VanishingAlarm(early, float(alarm.ratio), patience),
+                       "not_learning": NotLearningAlarm(early, float(alarm.update_ratio), patience),
+                       "exploding": ExplosionAlarm(float(alarm.max_update_ratio), float(alarm.grad_jump))}
+        self.alarm_messages: dict[str, str] = {}
+        self.history = RunHistory()
         self.flow: list[tuple[int, dict[str, float]]] = []
-        self.alarm_message: str | None = None
-        self.frozen = frozen_stages(stages)
+        self.drift: DriftProbe | None = None
+        self._before: list[Tensor] | None = None  # weights before this logging step's update
 
     def _due(self, step: int, every: int) -> bool:
         return every > 0 and step % every == 0
 
+    def _logging(self, step: int) -> bool:
+        return bool(self.cfg.enabled) and self._due(step, self.every)
+
     def _flow_needs(self, step: int) -> bool:
-        """Whether this logging step is among the last ``FLOW_LINES`` before the next flow figure."""
+        """Whether this logging step is among the last ``FLOW_LINES`` before the next flow figure
+        (the figure steps, and the run's last step: a final figure is always drawn)."""
         every = int(self.cfg.figure_every_n_steps)
         if every <= 0:
             return False
-        next_figure = -(-step // every) * every
-        return next_figure - step < FLOW_LINES * int(self.cfg.log_every_n_steps)
+        next_figure = min(-(-step // every) * every, self.total_steps)
+        return next_figure - step < FLOW_LINES * self.every
 
     def before_forward(self, step: int) -> None:
-        """Nothing yet: the features-gradient hook goes here on logging steps."""
+        """On logging steps only: a hook that keeps dL/dF of the backbone's output (removed once read)."""
+        if self._logging(step):
+            self.features.arm()
 
     def after_backward(self, step: int, grad_norms: dict[int, Tensor], total_norm: Tensor,
                        telemetry: dict[str, Tensor], visuals: dict[str, Tensor]) -> None:
         """``grad_norms``: per-parameter gradient norms and ``total_norm`` their total (the clipping
         norm), both computed by the step; ``telemetry`` and ``visuals``: what the head returned."""
-        if self.cfg.enabled and self._due(step, int(self.cfg.log_every_n_steps)):
+        if self._logging(step):
             stats = gradient_stats(self.stages, per_layer=bool(self.cfg.per_layer), mean_abs=self._flow_needs(step),
                                    grad_norms=grad_norms, total_norm=total_norm)
             self._log_stats(step, stats)
+            self._before = snapshot([p for params in parameter_layout(self.stages)[0].values() for p in params])
         if self._due(step, int(self.cfg.histogram_every_n_steps)):
             for name, module in self.stages.items():
                 grads = [p.grad.flatten() for p in module.parameters() if p.grad is not None]
                 if grads:
                     self.logger.histogram(f"grad_hist/{name}", torch.cat(grads), step)
         if self._due(step, int(self.cfg.figure_every_n_steps)):
-            self._log_figures(step, visuals)
+            self._log_figures(step)
+            for tag, grid in self.head.images(visuals).items():
+                self.logger.image(tag, grid, step)
         if telemetry and self._due(step, self.telemetry_every):
             values = torch.stack([v.float() for v in telemetry.values()]).tolist()  # one sync
             self.logger.scalars(dict(zip(telemetry, values)), step)
 
     def after_update(self, step: int, updated: bool) -> None:
-        """Nothing yet: the update/weight ratios go here on logging steps."""
+        """On logging steps: update/weight per stage and the features gradient, in one host transfer.
+        A skipped update writes nothing."""
+        before, self._before = self._before, None
+        captured = self.features.take()
+        if before is None or not updated:
+            return
+        extra = [captured.norm, captured.position_map.flatten()] if captured is not None else []
+        stats = update_stats(self.stages, before, per_layer=bool(self.cfg.per_layer), extra=extra)
+        values = {f"update_to_weight/{k}": v for k, v in stats.stage_ratio.items()}
+        values |= {f"update_to_weight_layer/{k}": v for k, v in stats.layer_ratio.items()}
+        if captured is not None:
+            values["grad_norm/features"] = stats.extra[0]
+            position_map = torch.tensor(stats.extra[1:]).view(captured.position_map.shape)
+            self.logger.submit(lambda: self.logger.image("grad_map/features", _map_image(position_map), step,
+                                                         dataformats="HWC"), f"grad_map/features at step {step}")
+        self.logger.submit(lambda: self.logger.scalars(values, step), f"update ratios at step {step}")
+        self.history.add(step, {k: v for k, v in values.items()
+                                if k.startswith("update_to_weight/") or k == "grad_norm/features"})
+        self._fire(self.alarms["not_learning"].update(stats.stage_ratio, step), "not_learning")
+        self._fire(self.alarms["exploding"].update_updates(stats.stage_ratio, step), "exploding")
 
     def _log_stats(self, step: int, stats: GradStats) -> None:
         values: dict[str, float] = {"grad_norm/total": stats.total}
@@ -100,44 +150,87 @@ class GradientMonitor:
         for stage, norm in stats.stage_norm.items():
             values[f"grad_norm/{stage}"] = norm
             values[f"grad_to_weight/{stage}"] = stats.stage_ratio[stage]
-            if head:
+            if head and stage != "head":
                 values[f"grad_rel_head/{stage}"] = norm / head
         for layer, norm in stats.layer_norm.items():
-            values[f"grad_norm_layer/{layer}"] = norm
+            values[f"grad_layer/{layer}"] = norm
         self.logger.submit(lambda: self.logger.scalars(values, step), f"gradient norms at step {step}")
-        if stats.nonfinite:  # an fp16 overflow step (skipped) or a failing one: not in the run's medians
+        if stats.nonfinite:  # an fp16 overflow step (skipped) or a failing one: not in the run's statistics
             return
-        self.history.append({f"grad_norm/{k}": v for k, v in stats.stage_norm.items()} |
-                            {"grad_norm/total": stats.total})
+        self.history.add(step, {f"grad_norm/{k}": v for k, v in stats.stage_norm.items()} |
+                         {"grad_norm/total": stats.total})
         if stats.layer_mean_abs:
             self.flow = (self.flow + [(step, stats.layer_mean_abs)])[-FLOW_LINES:]
-        event = self.alarm.update(stats, step)
-        if event is not None:
-            self.alarm_message = event.message
-            print(f"capsexp: WARNING {event.message}", file=sys.stderr, flush=True)
-            self.logger.text("alarm/vanishing_gradients", event.message, step)
+        self._fire(self.alarms["vanishing_gradients"].update(stats, step), "vanishing_gradients")
+        self._fire(self.alarms["exploding"].update_grads(stats.stage_norm, step), "exploding")
 
-    def _log_figures(self, step: int, visuals: dict[str, Tensor]) -> None:
-        if self.flow and self.logger.writer is not None:
-            from capsexp.figures import gradient_flow_figure
+    def _fire(self, event: AlarmEvent | None, condition: str) -> None:
+        if event is None:
+            return
+        self.alarm_messages[condition] = event.message
+        print(f"capsexp: WARNING {event.message}", file=sys.stderr, flush=True)
+        self.logger.text(f"alarm/{condition}", event.message, event.step)
 
-            flow = list(self.flow)  # host values: drawn on the logger's thread while training goes on
-            self.logger.submit(lambda: self.logger.image(
-                "grad_flow", gradient_flow_figure(flow, f"gradient flow up to step {step}"), step,
-                dataformats="HWC"), f"the grad_flow figure at step {step}")
-        for tag, grid in self.head.images(visuals).items():
-            self.logger.image(tag, grid, step)
+    def _log_figures(self, step: int) -> None:
+        """``grad_flow`` (the last logging steps, layer by layer) and ``stage_profile`` (every logging
+        step so far, stage by stage), drawn from host values on the logger's thread."""
+        from capsexp.figures import gradient_flow_figure, stage_profile_figure
+
+        flow, profile = list(self.flow), self.history.series("grad_norm/", STAGES)
+        if flow:
+            title = f"gradient flow, steps {flow[0][0]}-{flow[-1][0]} ({len(flow)} logging steps)"
+            self.logger.submit(lambda: self.logger.image("grad_flow", gradient_flow_figure(flow, title), step,
+                                                         dataformats="HWC"), f"the grad_flow figure at step {step}")
+        if profile:
+            self.logger.submit(lambda: self.logger.image("stage_profile", stage_profile_figure(profile), step,
+                                                         dataformats="HWC"), f"the stage_profile figure at step {step}")
+
+    def start_drift(self, images: Tensor, model: Classifier, rt: Runtime) -> None:
+        """The probe set and the starting Gram matrices (skipped when a checkpoint brought them)."""
+        stages = {name: self.stages[name] for name in trainable_stages(self.stages)}
+        self.drift = self.drift or DriftProbe(images, stages)
+        self.drift.images = images
+        if not self.drift.reference:
+            self.drift.start(model, rt)
+
+    def on_validation(self, step: int, model: Classifier, rt: Runtime) -> dict[str, float]:
+        """``drift/<stage>`` after a validation; returns the values logged."""
+        values = self.drift.measure(model, rt) if self.drift is not None else {}
+        if values:
+            self.logger.scalars(values, step)
+            self.history.last_drift = values
+        return values
+
+    def finish(self, step: int) -> None:
+        """The final figures, whatever the interval (a run shorter than it gets one too)."""
+        if int(self.cfg.figure_every_n_steps) > 0 and not self._due(step, int(self.cfg.figure_every_n_steps)):
+            self._log_figures(step)
 
     def summary(self) -> dict[str, float]:
-        """Median of every ``grad_norm/<stage>`` over the run: the numbers ``metrics.json`` keeps."""
-        return median_over_run(self.history)
+        """What ``metrics.json`` keeps: medians and maxima per stage over the run, the last drift."""
+        return self.history.summary()
+
+    @property
+    def alarm_message(self) -> str | None:
+        """The vanishing-gradient alarm's message (``metrics.json``'s ``alarm/vanishing_gradients``)."""
+        return self.alarm_messages.get("vanishing_gradients")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "alarm_message": self.alarm_message,
-                "alarm_fired": self.alarm.fired}
+        return {"history": self.history.state_dict(), "alarm_messages": self.alarm_messages,
+                "alarms_fired": [k for k, a in self.alarms.items() if a.fired],
+                "drift": self.drift.state_dict() if self.drift is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = list(state.get("history", []))
-        self.alarm_message = state.get("alarm_message")
-        if state.get("alarm_fired"):
-            self.alarm.mark_fired()
+        self.history.load_state_dict(state.get("history", {}))
+        self.alarm_messages = dict(state.get("alarm_messages", {}))
+        for name in state.get("alarms_fired", []):
+            self.alarms[name].fired = True
+        if state.get("drift"):
+            self.drift = DriftProbe(torch.empty(0), {n: self.stages[n] for n in trainable_stages(self.stages)})
+            self.drift.load_state_dict(state["drift"])
+
+
+def _map_image(position_map: Tensor) -> Any:
+    from capsexp.figures import position_map_figure
+
+    return position_map_figure(position_map.numpy(), "per-position |dL/dF|, batch mean")

@@ -23,9 +23,11 @@ from tqdm import tqdm
 from capsexp.checks import Check, choice, integer, one_of, positive
 from capsexp.errors import UserError
 from capsexp.models import Classifier
+from capsexp.progress import ProgressLines
 from capsexp.runtime import Runtime, SignalGuard, all_reduce, all_reduce_mean, broadcast_buffers
 
 NONFINITE_POLICIES = ("stop", "skip")
+CHECKPOINT_POLICIES = ("last", "last+best", "none")  # what train.py writes into checkpoints/
 CHECKS: list[Check] = [
     ("trainer.max_epochs", integer(1, optional=True), "a positive integer or null"),
     ("trainer.max_steps", integer(1, optional=True), "a positive integer or null"),
@@ -36,6 +38,8 @@ CHECKS: list[Check] = [
     ("trainer.grad_clip", positive(optional=True), "a positive number or null"),
     ("trainer.on_nonfinite", choice(*NONFINITE_POLICIES), one_of(NONFINITE_POLICIES)),
     ("trainer.progress", choice("auto", True, False), "auto, true or false"),
+    ("trainer.progress_every_n_steps", integer(1), "a positive integer"),
+    ("trainer.checkpoints", choice(*CHECKPOINT_POLICIES), one_of(CHECKPOINT_POLICIES)),
 ]
 # fp16 loss scale below which overflow is taken for a real fault (fairseq's min_loss_scale)
 MIN_LOSS_SCALE = 1e-4
@@ -169,6 +173,7 @@ class Loop:
     # set when every rank has agreed (in the per-step check) to stop after this step; the loop
     # acts on this, never on its own signal flag, so all ranks leave after the same step
     stop: bool = False
+    lines: ProgressLines | None = None    # progress as log lines, where no terminal shows the bar
 
     def __post_init__(self) -> None:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -347,6 +352,8 @@ def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int) ->
     # islice: not one batch more than this epoch will train on is loaded
     bar = progress_bar(itertools.islice(loader, count), count, f"epoch {state.epoch}", loop.show_progress)
     tick, steps, images_seen, timed_images = None, 0, 0, 0
+    if loop.lines is not None:
+        loop.lines.begin_epoch()
     for images, targets in bar:
         if tick is None and state.step >= cfg.warmup_steps_excluded:
             rt.synchronize()
@@ -360,6 +367,8 @@ def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int) ->
         if state.step % cfg.log_every_n_steps == 0:
             _log_window(loop, sums, state, bar)
             sums.zero_()
+        if loop.lines is not None:  # host values only: the step count, the last logged loss
+            loop.lines.after_step(state, targets.shape[0])
         if loop.stop:
             break
     seconds = 0.0
@@ -372,6 +381,8 @@ def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int) ->
     if not loop.stop and state.window[2] > 0:
         _log_window(loop, sums, state, bar)
         state.window = [0.0, 0.0, 0.0]
+    if loop.lines is not None and not loop.stop:
+        loop.lines.end_epoch(state)
     return EpochStats(steps, images_seen * rt.world_size, seconds, timed_images * rt.world_size,
                       state.last_train_loss)
 

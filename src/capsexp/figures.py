@@ -28,7 +28,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 # Beyond this many layers only every k-th layer gets a tick label, so the
 # ~100 weight-bearing layers of a ResNet50 stay readable.
-_MAX_TICK_LABELS = 24
+_MAX_TICK_LABELS = 16
 
 
 def _layer_order(history: list[tuple[int, dict[str, float]]]) -> list[str]:
@@ -67,7 +67,7 @@ def _draw_stages(ax: Axes, layers: list[str]) -> None:
             ax.axvline(first - 0.5, color="0.55", linewidth=0.8, linestyle="--")
         ax.text(
             (first + last) / 2, 1.01, stage, transform=ax.get_xaxis_transform(),
-            ha="center", va="bottom", fontsize=8, fontweight="bold",
+            ha="center", va="bottom", fontsize=11, fontweight="bold",
         )
     step = max(1, math.ceil(len(layers) / _MAX_TICK_LABELS))
     ticks = list(range(0, len(layers), step))
@@ -75,7 +75,7 @@ def _draw_stages(ax: Axes, layers: list[str]) -> None:
     # The stage name is already written above the axes; the tick keeps only
     # the module path (or the stage name for a stage that is one module).
     ax.set_xticklabels(
-        [layers[i].split(".", 1)[-1] for i in ticks], rotation=90, fontsize=6
+        [layers[i].split(".", 1)[-1] for i in ticks], rotation=90, fontsize=9
     )
     ax.set_xlim(-0.5, len(layers) - 0.5)
 
@@ -91,7 +91,7 @@ def gradient_flow_figure(
     step with a colour bar. Returns the rendered image as an ``[H, W, 3]``
     uint8 array suitable for ``SummaryWriter.add_image(..., dataformats="HWC")``.
     """
-    fig = Figure(figsize=(10, 4.5), dpi=100, layout="constrained")
+    fig = Figure(figsize=(10, 5), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     layers = _layer_order(history)
     if not layers:
@@ -111,10 +111,53 @@ def gradient_flow_figure(
         ax.plot(x, y, color=cmap(norm(step)), linewidth=1.0, marker=".", markersize=2)
 
     ax.set_yscale("log")
-    ax.set_ylabel("mean |grad|")
+    ax.set_ylabel("mean |grad|", fontsize=11)
+    ax.tick_params(axis="y", labelsize=10)
     ax.grid(True, which="major", axis="y", alpha=0.3)
     _draw_stages(ax, layers)
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="step", pad=0.01)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=12)
+    return _to_rgb(fig)
+
+
+def stage_profile_figure(history: list[tuple[int, dict[str, float]]],
+                         title: str = "grad_norm per stage, stem to head (log scale)") -> np.ndarray:
+    """Gradient norm against stage, one line per logging step coloured by step, log y axis.
+
+    ``history`` holds ``(step, {stage: norm})`` in step order; the decades between the stem and the
+    head, and between runs, stay readable where a linear chart would flatten them.
+    """
+    fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    stages = _layer_order(history)
+    steps = [step for step, _ in history]
+    norm = Normalize(vmin=min(steps), vmax=max(steps) if max(steps) > min(steps) else min(steps) + 1)
+    cmap = matplotlib.colormaps["viridis"]
+    x = np.arange(len(stages))
+    for step, values in history:
+        y = np.array([values.get(s, np.nan) for s in stages], dtype=float)
+        y[~np.isfinite(y) | (y <= 0)] = np.nan
+        ax.plot(x, y, color=cmap(norm(step)), linewidth=1.0, marker="o", markersize=3)
+    ax.set_yscale("log")
+    ax.set_xticks(x, stages, fontsize=11)
+    ax.tick_params(axis="y", labelsize=10)
+    ax.set_ylabel("grad_norm", fontsize=11)
+    ax.grid(True, which="major", axis="y", alpha=0.3)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="step", pad=0.01)
+    fig.suptitle(f"{title}, steps {steps[0]}-{steps[-1]}", fontsize=12)
+    return _to_rgb(fig)
+
+
+def position_map_figure(values: np.ndarray, title: str) -> np.ndarray:
+    """An ``[h, w]`` map as a heat map with a colour bar and the value in every cell (up to 8x8)."""
+    fig = Figure(figsize=(4.5, 4), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="magma", vmin=0)
+    if values.shape[0] <= 8 and values.shape[1] <= 8:
+        for (row, col), value in np.ndenumerate(values):
+            ax.text(col, row, f"{value:.2g}", ha="center", va="center", fontsize=8, color="0.5")
+    ax.set_xticks([]), ax.set_yticks([])
+    fig.colorbar(image, ax=ax, pad=0.02)
+    ax.set_title(f"{title}\n{values.shape[0]}x{values.shape[1]} positions", fontsize=10)
     return _to_rgb(fig)

@@ -41,17 +41,6 @@ class GradStats:
     nonfinite: bool = False
 
 
-@dataclass(frozen=True)
-class AlarmEvent:
-    """The moment the early stages' gradients were judged to have vanished."""
-
-    step: int
-    stage: str
-    ratio: float
-    threshold: float
-    message: str
-
-
 def _trainable(module: nn.Module, recurse: bool = True) -> list[nn.Parameter]:
     return [p for p in module.parameters(recurse=recurse) if p.requires_grad]
 
@@ -200,6 +189,60 @@ def _unpack(values: list[float], stage_keys: list[str], layer_keys: list[str]) -
     )
 
 
+@dataclass(frozen=True)
+class UpdateStats:
+    """``||w_after - w_before|| / ||w_before||`` of one optimizer step, per stage (and per layer)."""
+
+    stage_ratio: dict[str, float]
+    layer_ratio: dict[str, float] = field(default_factory=dict)
+    extra: list[float] = field(default_factory=list)  # values the caller asked to ride along
+
+
+def parameter_layout(stages: Mapping[str, nn.Module]) -> tuple[dict[str, list[nn.Parameter]], list[str]]:
+    """(layer -> trainable parameters, stage keys), in depth order: the order of every batched norm."""
+    layers = weight_bearing_layers(stages)
+    return layers, list(dict.fromkeys(key.split(".", 1)[0] for key in layers))
+
+
+def snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Copies of the parameters' values (one batched copy), to diff against after the step."""
+    return torch._foreach_mul([p.detach() for p in params], 1.0)
+
+
+def update_stats(stages: Mapping[str, nn.Module], before: list[torch.Tensor], per_layer: bool = True,
+                 extra: list[torch.Tensor] | None = None) -> UpdateStats:
+    """Update/weight ratios of the step just taken, from ``before = snapshot(params)``.
+
+    The real step, whatever the optimizer did (momentum, Adam's normalisation, weight decay,
+    clipping, the current learning rate): both norms are measured, nothing is inferred. Batched
+    norms; ``extra`` 0-d or 1-d tensors are appended to the one device-to-host transfer.
+    """
+    layers, stage_keys = parameter_layout(stages)
+    layer_keys = list(layers)
+    after = [p.detach() for key in layer_keys for p in layers[key]]
+    if not after:
+        return UpdateStats(stage_ratio={})
+    device = after[0].device
+    param_layer, layer_stage, _ = _segment_indices(
+        tuple((key, len(layers[key]), 0) for key in layer_keys), tuple(stage_keys), device)
+    step_p = _norms(torch._foreach_sub(after, before), 2, device)
+    weight_p = _norms(before, 2, device)
+    step_l = _segment_norm(step_p, param_layer, len(layer_keys))
+    weight_l = _segment_norm(weight_p, param_layer, len(layer_keys))
+    step_s = _segment_norm(step_l, layer_stage, len(stage_keys))
+    weight_s = _segment_norm(weight_l, layer_stage, len(stage_keys))
+    parts = [step_s / weight_s.clamp_min(_EPS)]
+    if per_layer:
+        parts.append(step_l / weight_l.clamp_min(_EPS))
+    tail = [t.detach().float().flatten().to(device) for t in (extra or [])]
+    # note: this is the one extra device-to-host sync of a logging step
+    values = torch.cat(parts + tail).tolist()
+    n_s, n_l = len(stage_keys), len(layer_keys) if per_layer else 0
+    return UpdateStats(stage_ratio=dict(zip(stage_keys, values[:n_s])),
+                       layer_ratio=dict(zip(layer_keys if per_layer else [], values[n_s:n_s + n_l])),
+                       extra=values[n_s + n_l:])
+
+
 def nonfinite_stage(stages: Mapping[str, nn.Module]) -> str | None:
     """Name of the first stage whose gradients contain a NaN or an infinity.
 
@@ -211,71 +254,6 @@ def nonfinite_stage(stages: Mapping[str, nn.Module]) -> str | None:
         if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             return name
     return None
-
-
-class VanishingAlarm:
-    """Fires once when the early stages' gradients stay tiny relative to the head's.
-
-    The early-stage norm is the combined norm of those ``early_stages`` that are
-    trainable (present in the stats). If none of them is trainable, or the
-    reference stage is absent, the alarm is inert. An update counts as
-    "vanishing" when ``early_norm < ratio * reference_norm``; ``patience``
-    consecutive vanishing updates fire the alarm, a healthy update resets the
-    count, and after firing the alarm stays silent for good.
-    """
-
-    def __init__(
-        self, early_stages: list[str], ratio: float, patience: int, reference: str = "head"
-    ) -> None:
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}")
-        self.early_stages = list(early_stages)
-        self.ratio = float(ratio)
-        self.patience = int(patience)
-        self.reference = reference
-        self._streak = 0
-        self._fired = False
-
-    @property
-    def fired(self) -> bool:
-        """Whether the alarm has already fired."""
-        return self._fired
-
-    def mark_fired(self) -> None:
-        """Silence the alarm for good, e.g. when resuming a run where it already fired."""
-        self._fired = True
-
-    def update(self, stats: GradStats, step: int) -> AlarmEvent | None:
-        """Feed one logging step's stats; return an event the one time it fires."""
-        if self._fired:
-            return None
-        early = [s for s in self.early_stages if s in stats.stage_norm]
-        reference = stats.stage_norm.get(self.reference)
-        if not early or reference is None:
-            return None
-        early_norm = math.sqrt(sum(stats.stage_norm[s] ** 2 for s in early))
-        # Non-finite steps are a different failure and an all-zero reference
-        # (e.g. before any backward pass) carries no information: neither
-        # counts towards nor resets the streak.
-        if stats.nonfinite or not math.isfinite(early_norm) or not reference > 0.0:
-            return None
-        observed = early_norm / reference
-        if observed >= self.ratio:
-            self._streak = 0
-            return None
-        self._streak += 1
-        if self._streak < self.patience:
-            return None
-        self._fired = True
-        stage = "+".join(early)
-        message = (
-            f"vanishing gradients: grad_norm/{stage} has stayed below "
-            f"{self.ratio * 100:g}% of grad_norm/{self.reference} for "
-            f"{self.patience} logging steps (ratio {observed:.2g} at step {step})"
-        )
-        return AlarmEvent(
-            step=step, stage=stage, ratio=observed, threshold=self.ratio, message=message
-        )
 
 
 def median_over_run(history: list[dict[str, float]]) -> dict[str, float]:

@@ -179,8 +179,8 @@ def _check_listing(folder: Path, listing: _Listing, policy: str) -> None:
                         f"per class, e.g. '{folder / 'cats' / '001.jpg'}'.")
     if listing.bad and policy == "stop":
         (path, reason), more = listing.bad[0], len(listing.bad) - 1
-        raise BadImage(_bad_sentence(path, reason + (f"; {more} more files below '{folder}' are unusable "
-                                                     f"too" if more else "")))
+        raise BadImage(_bad_sentence(path, reason + (f"; {more} more unusable file(s) below '{folder}'"
+                                                     if more else "")))
     for path, reason in listing.bad:
         _warn(f"data: skipping image '{path}' ({reason}); data.on_bad_image=skip leaves it out.")
     if listing.others:

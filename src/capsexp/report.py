@@ -1,6 +1,7 @@
 """``capsexp report <folder>``: every run below a folder, side by side.
 
-A run is any folder holding ``tb/`` or ``metrics.json``. The report reads what each run was run with
+A run is any folder holding TensorBoard event files or ``metrics.json`` (event files of runs made
+before they moved into the run folder itself are read from its ``tb/``). The report reads what each run was run with
 (``.hydra/overrides.yaml``, else ``config.yaml``), ``metrics.json`` and the TensorBoard scalars,
 prints a table and writes ``report.md``, ``report.csv`` and ``report.png`` into the folder. A run
 without ``metrics.json`` is ``running/crashed`` and shows what its event files hold; a frozen stage
@@ -18,6 +19,7 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ EARLY_STAGES = ("stem", "layer1")
 RUNNING = "running/crashed"
 IGNORED_KEYS = frozenset({"trainer.resume"})  # continuing a run does not make it a different run
 ALARM_TAG = "alarm/vanishing_gradients"
+EVENTS_PREFIX = "events.out.tfevents."  # TensorBoard's event file names
 NUMBERS = ("steps", "best_val_acc", "final_val_acc", "images_per_sec",
            *(f"grad_norm/{s}" for s in STAGES), "early/head")
 
@@ -54,10 +57,11 @@ class Run:
 # ---------------------------------------------------------------- discovery and reading
 
 def find_runs(root: Path) -> list[Path]:
-    """Every folder at or below ``root`` holding ``tb/`` or ``metrics.json``; runs are not searched inside."""
+    """Every folder at or below ``root`` holding event files (or ``tb/``) or ``metrics.json``; runs
+    are not searched inside."""
     runs = []
     for here, subdirs, files in os.walk(root):
-        if "metrics.json" in files or "tb" in subdirs:
+        if "metrics.json" in files or "tb" in subdirs or any(f.startswith(EVENTS_PREFIX) for f in files):
             runs.append(Path(here))
             subdirs.clear()
         else:  # .hydra, .submitit and the like hold no runs
@@ -110,7 +114,7 @@ def read_run(path: Path, root: Path) -> Run:
     config = _load(path / "config.yaml", yaml.safe_load) or _load(path / ".hydra" / "config.yaml", yaml.safe_load)
     listed = _load(path / ".hydra" / "overrides.yaml", yaml.safe_load)
     metrics = _load(path / "metrics.json", json.loads)
-    scalars, alarm = read_events(path / "tb")
+    scalars, alarm = read_events(path / "tb" if (path / "tb").is_dir() else path)  # tb/: older runs
     name = path.relative_to(root).as_posix() if path != root else path.resolve().name
     return Run(path, name, parse_overrides(listed) if isinstance(listed, list) else None,
                flatten(config) if isinstance(config, dict) else {},
@@ -253,27 +257,51 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, cells)])
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+
+
+def markdown_text(value: Any) -> str:
+    """Text from a run folder as literal Markdown: it cannot end a table row or a line, open a code
+    span, emphasis or a link, nor carry HTML."""
+    text = " ".join(str(value).splitlines())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
 def format_markdown(rows: Sequence[dict[str, Any]], root: Path) -> str:
     """report.md: the table, what the columns mean, the alarm messages, the figure."""
     header, cells = table_cells(rows)
-    out = [f"# capsexp report: {root}", "", "| " + " | ".join(header) + " |",
+    out = [f"# capsexp report: {markdown_text(root)}", "", "| " + " | ".join(header) + " |",
            "|" + "|".join(":--" if i < 2 else "--:" for i in range(len(header))) + "|",
-           *("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells), "",
+           *("| " + " | ".join(map(markdown_text, row)) + " |" for row in cells), "",
            "stem..head: median gradient L2 norm per stage over the run (blank: frozen or absent). "
            "early/head: median over logged steps of sqrt(stem^2 + layer1^2) / head, over the trainable "
            f"early stages. status `{RUNNING}`: no metrics.json (values from the event files).", ""]
-    out += [f"- alarm in `{row['run']}`: {row['alarm']}" for row in rows if row["alarm"]]
+    out += [f"- alarm in {markdown_text(row['run'])}: {markdown_text(row['alarm'])}" for row in rows if row["alarm"]]
     return "\n".join([*out, "", "![report](report.png)", ""])
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell no spreadsheet evaluates: text that starts like a formula gets a leading ' (OWASP's
+    advice against CSV injection). Numbers stay numbers, and so does text that is just a number
+    (an override such as seed=-1): a spreadsheet reads that as the number, runs nothing."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
 def write_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: Path) -> None:
-    """report.csv: full precision, blank where there is no value."""
+    """report.csv: full precision, blank where there is no value, no cell a spreadsheet would run."""
     columns = ["run", "folder", *keys, "status", *NUMBERS, "alarm"]
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=[csv_cell(c) for c in columns], extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: "" if row[k] is None else row[k] for k in columns})
+            writer.writerow({csv_cell(k): "" if row[k] is None else csv_cell(row[k]) for k in columns})
 
 
 # ---------------------------------------------------------------- the figure
@@ -317,7 +345,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsexp report", description=(
         "Compare every run below FOLDER (a run folder, a sweep folder, or outputs/): print a table "
         "and write report.md, report.csv and report.png into FOLDER."))
-    parser.add_argument("folder", type=Path, help="a folder holding runs (folders with tb/ or metrics.json)")
+    parser.add_argument("folder", type=Path, help="a folder holding runs (folders with event files or metrics.json)")
     return parser
 
 
@@ -329,7 +357,7 @@ def main(argv: list[str]) -> None:
                         f"e.g. outputs/multirun/<date>/<time>.")
     runs = [read_run(path, root) for path in find_runs(root)]
     if not runs:
-        raise UserError(f"no runs below '{root}': a run folder holds tb/ or metrics.json.")
+        raise UserError(f"no runs below '{root}': a run folder holds TensorBoard event files or metrics.json.")
     keys, rows = build_rows(runs)
     try:  # the files first: `capsexp report ... | head` may close the terminal side early
         (root / "report.md").write_text(format_markdown(rows, root))

@@ -1,9 +1,11 @@
-"""Sweep job folders named by what the sweep varies: ``<job number>_<swept key=value,...>``.
+"""Run folders named by what they are.
 
-``hydra.sweep.subdir`` in ``conf/config.yaml`` calls the ``capsexp_sweep_subdir`` resolver, so
-every job's folder (and so its TensorBoard run) says what differs between the jobs. The resolver is
-registered when this module is imported: the Hydra apps' module imports it, and joblib workers
-import that module when they unpickle the task function.
+A sweep job's folder is ``<job number>_<swept key=value,...>`` (``hydra.sweep.subdir`` calls the
+``capsexp_sweep_subdir`` resolver), so every job's folder (and so its TensorBoard run) says what
+differs between the jobs. A single run's folder ends in ``_<label>`` (``hydra.run.dir`` calls
+``capsexp_run_label``): the user's ``name=<label>``, else ``run_label`` of its config, e.g.
+``capsule-conv-r3``. The resolvers are registered when this module is imported: the Hydra apps'
+module imports it, and joblib workers import that module when they unpickle the task function.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import json
 import os
 import re
 import sys
+from functools import lru_cache
+from importlib import resources
 from typing import Any, Iterable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from capsexp.arguments import is_hydra_key
+from capsexp.errors import UserError
+from capsexp.groups import group_option, group_options
 
 # The command line travels to every job through the environment: joblib workers and Slurm jobs
 # (sbatch exports the environment) resolve the folder name in their own process, where sys.argv
@@ -26,6 +32,11 @@ COMMAND_LINE_ENV = "CAPSEXP_COMMAND_LINE"
 SUBDIR_EXCLUDED = frozenset({"trainer.resume"})
 MAX_SUBDIR_CHARS = 120  # well below the 255-byte file-name limit, with room for the job number
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]")  # '/' above all: a path value must not make subfolders
+MAX_LABEL_CHARS = 100
+# a label is a file-name fragment on every file system: no '/', no leading '.' (hidden) or '-' (a flag)
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+LABEL_ALLOWED = (f"null or a label of at most {MAX_LABEL_CHARS} letters, digits and . _ + - "
+                 f"that starts with a letter or digit, e.g. name=baseline")
 
 
 def pass_command_line(args: Sequence[str]) -> None:
@@ -87,4 +98,63 @@ def _sweep_subdir_resolver(job_num: Any, *, _root_: DictConfig) -> str:
     return sweep_subdir(list(task) if task is not None else [], keys, job_num)
 
 
+def valid_label(value: Any) -> bool:
+    """``name=``: null, or a label that can end a folder name (a number such as ``name=7`` too)."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return False
+    return len(str(value)) <= MAX_LABEL_CHARS and _LABEL.fullmatch(str(value)) is not None
+
+
+@lru_cache(maxsize=None)
+def _default_choices(head: str) -> dict[str, str]:
+    """The option each group gets when nobody chooses one: ``conf/config.yaml``'s defaults list, as
+    the head's own file overrides it (the capsule head makes ``loss=margin`` its default)."""
+    sources = [OmegaConf.load(str(resources.files("capsexp.conf").joinpath("config.yaml")))]
+    if head in group_options("head"):
+        sources.append(group_option("head", head))
+    choices: dict[str, str] = {}
+    for source in sources:
+        for entry in source.get("defaults", []):
+            if isinstance(entry, DictConfig):  # {group: option}; the rest are "_self_" and the like
+                group, option = next(iter(entry.items()))
+                choices[str(group).removeprefix("override ").removeprefix("optional ").lstrip("/")] = str(option)
+    return choices
+
+
+def run_label(cfg: Any) -> str:
+    """A single run's label: ``name`` when given, else ``<head>-<adapter>``, ``r<routing iterations>``
+    for a capsule head, then only what differs from the defaults, in this order: the loss (against
+    the head's default loss), the optimizer, ``freeze<depth>``, the backbone and the dataset.
+    ``capsexp bench`` folders are labelled ``bench``."""
+    def get(key: str) -> Any:
+        return OmegaConf.select(cfg, key, default=None)
+
+    if not valid_label(get("name")):
+        raise UserError(f"name={get('name')!r} is not allowed; it must be {LABEL_ALLOWED}.")
+    if get("name") is not None:
+        return str(get("name"))
+    if get("bench") is not None:
+        return "bench"
+    head = str(get("head.name"))
+    defaults = _default_choices(head)
+    parts = [head, str(get("adapter.name"))]
+    if head == "capsule":
+        parts.append(f"r{get('head.routing.iterations')}")
+    parts += [str(get(f"{g}.name")) for g in ("loss", "optim") if str(get(f"{g}.name")) != defaults.get(g)]
+    backbone = str(get("backbone.name"))
+    default_depth = group_option("backbone", backbone).get("freeze_depth", 0) \
+        if backbone in group_options("backbone") else 0
+    if get("backbone.freeze_depth") != default_depth:
+        parts.append(f"freeze{get('backbone.freeze_depth')}")
+    parts += [str(get(f"{g}.name")) for g in ("backbone", "data") if str(get(f"{g}.name")) != defaults.get(g)]
+    return _UNSAFE.sub("_", "-".join(parts))[:MAX_LABEL_CHARS]
+
+
+def _run_label_resolver(*, _root_: DictConfig) -> str:
+    return run_label(_root_)
+
+
 OmegaConf.register_new_resolver("capsexp_sweep_subdir", _sweep_subdir_resolver, replace=True)
+OmegaConf.register_new_resolver("capsexp_run_label", _run_label_resolver, replace=True)

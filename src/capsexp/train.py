@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,12 @@ from torch.utils.data import DataLoader
 from capsexp.checkpoint import link_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
 from capsexp.config import flatten, validate
 from capsexp.data import build_datasets, build_loaders
+from capsexp.drift import probe_images
 from capsexp.assembly import build_loop, seed_everything
 from capsexp.engine import EpochStats, Loop, StopTraining, TrainState, evaluate, train_one_epoch
 from capsexp.errors import UserError
+from capsexp.progress import progress_lines
+from capsexp.summary import ALARMS, print_summary
 from capsexp.rundir import environment, output_dir, refuse_taken_folder, shown, write_metrics, write_run_record
 from capsexp.runtime import Runtime, barrier, setup_runtime, teardown
 
@@ -71,10 +73,14 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     max_steps = int(cfg.trainer.max_steps) if cfg.trainer.max_steps is not None else None
     total_steps = min(s for s in (max_steps, max_epochs and max_epochs * batches) if s)
     show = rt.is_main and (sys.stderr.isatty() if str(cfg.trainer.progress) == "auto" else bool(cfg.trainer.progress))
-    loop = build_loop(cfg, rt, num_classes, total_steps, run_dir / "tb", show)
+    loop = build_loop(cfg, rt, num_classes, total_steps, run_dir, show)  # the run folder is the TensorBoard run
+    loop.lines = progress_lines(cfg.trainer, rt.is_main, total_steps, batches, rt.world_size)
     state = TrainState()
     if ckpt is not None:
         _restore(ckpt, loop, state)
+    probe = int(cfg.grads.drift.probe_images)
+    if loop.monitor is not None and probe > 0:  # the starting Gram matrices, unless the checkpoint had them
+        loop.monitor.start_drift(probe_images(val_ds, probe), loop.model, rt)
     if rt.is_main:
         if ckpt is None and str(cfg.trainer.resume) == "auto":
             print(f"capsexp: trainer.resume=auto found no checkpoint in {run_dir}; starting at step 0.", flush=True)
@@ -86,7 +92,7 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     except BaseException:  # out of memory, a second Ctrl-C, a bug: what was logged reaches the disk
         loop.logger.close()
         raise
-    metrics = _finish(cfg, run_dir, loop, state, metrics, stop)
+    metrics = _finish(cfg, run_dir, loop, state, metrics, stop, _data_facts(cfg, val_ds, num_classes, rt))
     if stop is not None:
         raise stop
     return metrics
@@ -104,25 +110,40 @@ def _epochs(cfg: DictConfig, loop: Loop, state: TrainState, train_loader: DataLo
         except StopTraining as exc:  # weights may be poisoned: keep the last good checkpoint as it is
             return val, exc
         if loop.stop:
-            path = _save(loop, state, cfg, run_dir, num_classes, "last.pt")
+            keep = str(cfg.trainer.checkpoints) != "none"
+            path = _save(loop, state, cfg, run_dir, num_classes, "last.pt") if keep else None
             # every rank stopped after this same step; none exits (and makes torchrun end the
             # others) before rank 0 has written the checkpoint
             barrier(loop.rt)
             return val, StopTraining(
                 f"interrupted at step {state.step}; checkpoint saved to {path}. Continue with "
-                f"trainer.resume={path} (or trainer.resume=auto in the same run folder).", exit_code=130)
+                f"trainer.resume={path} (or trainer.resume=auto in the same run folder)." if keep else
+                f"interrupted at step {state.step}; trainer.checkpoints=none, so nothing was saved and "
+                f"this run cannot be resumed.", exit_code=130)
         if state.batch_in_epoch >= batches:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         limit = cfg.trainer.limit_val_batches
         val = evaluate(loop.evaluator, val_loader, loop.rt, None if limit is None else int(limit),
                        loop.show_progress)
         loop.logger.scalars(val | _throughput(state), state.step)
+        if loop.monitor is not None:
+            loop.monitor.on_validation(state.step, loop.model, loop.rt)
         improved = val["val/acc"] > state.best_val_acc
         state.best_val_acc = max(state.best_val_acc, val["val/acc"])
-        last = _save(loop, state, cfg, run_dir, num_classes, "last.pt")
-        if improved and loop.rt.is_main:
-            link_checkpoint(last, last.with_name("best.pt"))
+        if str(cfg.trainer.checkpoints) != "none":
+            last = _save(loop, state, cfg, run_dir, num_classes, "last.pt")
+            if improved and loop.rt.is_main and str(cfg.trainer.checkpoints) == "last+best":
+                link_checkpoint(last, last.with_name("best.pt"))
     return val, None
+
+
+def _data_facts(cfg: DictConfig, val_ds: Any, num_classes: int, rt: Runtime) -> dict[str, int]:
+    """What ``capsexp report`` needs to tell accuracy from chance: the class count and how many
+    validation images each evaluation sees."""
+    limit = cfg.trainer.limit_val_batches
+    images = len(val_ds) if limit is None else \
+        min(len(val_ds), int(limit) * int(cfg.data.batch_size) * rt.world_size)
+    return {"num_classes": num_classes, "val_images": images}
 
 
 def _keep(state: TrainState, stats: EpochStats) -> None:
@@ -186,9 +207,12 @@ def _announce(cfg: DictConfig, run_dir: Path, loop: Loop, resumed: bool, state: 
 
 
 def _finish(cfg: DictConfig, run_dir: Path, loop: Loop, state: TrainState, val: dict[str, float],
-            stop: StopTraining | None) -> dict[str, Any]:
+            stop: StopTraining | None, data: dict[str, int]) -> dict[str, Any]:
     """metrics.json, the HParams entry, the gradient table in the terminal."""
+    if loop.monitor is not None:
+        loop.monitor.finish(state.step)
     grads = loop.monitor.summary() if loop.monitor is not None else {}
+    messages = loop.monitor.alarm_messages if loop.monitor is not None else {}
     status = "completed" if stop is None else ("interrupted" if stop.exit_code == 130 else "failed")
     metrics: dict[str, Any] = {
         "val/acc": val.get("val/acc", float("nan")),
@@ -199,8 +223,9 @@ def _finish(cfg: DictConfig, run_dir: Path, loop: Loop, state: TrainState, val: 
         "epochs": state.epoch,
         "images_per_sec": _throughput(state).get("throughput/images_per_sec", float("nan")),
         "skipped_steps": state.skipped_steps,
+        **data,
         **grads,
-        "alarm/vanishing_gradients": loop.monitor.alarm_message if loop.monitor is not None else None,
+        **{f"alarm/{name}": messages.get(name) for name in ALARMS},
         "status": status,
     }
     if not loop.rt.is_main:
@@ -212,28 +237,5 @@ def _finish(cfg: DictConfig, run_dir: Path, loop: Loop, state: TrainState, val: 
     loop.logger.hparams(hparams, numeric, state.step)
     loop.logger.close()
     write_metrics(run_dir, metrics)
-    _print_summary(cfg, metrics, grads)
+    print_summary(cfg, metrics)
     return metrics
-
-
-def _print_summary(cfg: DictConfig, metrics: dict[str, Any], grads: dict[str, float]) -> None:
-    speed = metrics["images_per_sec"]
-    speed = f"{speed:.1f} images/s" if math.isfinite(speed) else \
-        f"images/s not measured (trainer.warmup_steps_excluded={cfg.trainer.warmup_steps_excluded} steps are untimed)"
-    print(f"capsexp: {metrics['status']} after {metrics['steps']} steps: val/acc {metrics['val/acc']:.4f} "
-          f"(best {metrics['best/val/acc']:.4f}), val/loss {metrics['val/loss']:.4f}, {speed}", flush=True)
-    if not grads:
-        if cfg.grads.enabled:
-            print(f"no gradient statistics were logged: the run ended before step "
-                  f"grads.log_every_n_steps={cfg.grads.log_every_n_steps}.", flush=True)
-        return
-    head = grads.get("grad_norm/head")
-    print("median gradient norm per stage over the run:")
-    print(f"  {'stage':<8} {'grad_norm':>11} {'/ head':>9}")
-    for key, value in grads.items():
-        if key == "grad_norm/total":
-            continue
-        rel = f"{value / head:9.3g}" if head else f"{'':>9}"
-        print(f"  {key.split('/', 1)[1]:<8} {value:11.4g} {rel}")
-    if metrics.get("alarm/vanishing_gradients"):
-        print(f"  ! {metrics['alarm/vanishing_gradients']}")

@@ -1,0 +1,91 @@
+"""The run's history of per-stage measures and what ``metrics.json`` keeps of it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from capsexp.gradients import median_over_run
+
+
+class RunHistory:
+    """Host values of every logging step: medians and maxima per key, the last drift."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, dict[str, float]]] = []
+        self.last_drift: dict[str, float] = {}
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        self.records.append((step, values))
+
+    def series(self, prefix: str, order: tuple[str, ...]) -> list[tuple[int, dict[str, float]]]:
+        """``(step, {stage: value})`` for the keys under ``prefix``, stages in ``order``."""
+        out = []
+        for step, values in self.records:
+            picked = {s: values[prefix + s] for s in order if prefix + s in values}
+            if picked:
+                out.append((step, picked))
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """Medians of every key, then ``max/<key>`` of the per-stage ones (medians hide transients),
+        then ``drift/<stage>`` of the last validation."""
+        medians = median_over_run([values for _, values in self.records])
+        maxima: dict[str, float] = {}
+        for _, values in self.records:
+            for key, value in values.items():
+                if key != "grad_norm/total" and not math.isnan(value):
+                    maxima[f"max/{key}"] = max(maxima.get(f"max/{key}", -math.inf), value)
+        return medians | maxima | self.last_drift
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": self.records, "last_drift": self.last_drift}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.records = [(int(s), dict(v)) for s, v in state.get("records", [])]
+        self.last_drift = dict(state.get("last_drift", {}))
+
+
+ALARMS = ("vanishing_gradients", "not_learning", "exploding")  # metrics.json: alarm/<name>, null if silent
+
+
+def _cell(value: float | None, spec: str = "11.4g") -> str:
+    return f"{value:{spec}}" if value is not None and math.isfinite(value) else f"{'-':>{spec.split('.')[0]}}"
+
+
+def stage_table(grads: dict[str, float]) -> list[str]:
+    """The terminal table: per stage, median and max gradient norm, its ratio to the head's,
+    median and max update/weight, and the last drift."""
+    stages = [k.split("/", 1)[1] for k in grads if k.startswith("grad_norm/") and k != "grad_norm/total"]
+    head = grads.get("grad_norm/head")
+    lines = ["per stage over the run (median, max; drift at the last validation):",
+             f"  {'stage':<9}{'grad_norm':>11}{'max':>11}{'/ head':>9}{'update/w':>11}{'max':>11}{'drift':>8}"]
+    for s in stages:
+        norm = grads[f"grad_norm/{s}"]
+        rel = norm / head if head else None
+        lines.append(f"  {s:<9}{_cell(norm)}{_cell(grads.get(f'max/grad_norm/{s}'))}{_cell(rel, '9.3g')}"
+                     f"{_cell(grads.get(f'update_to_weight/{s}'), '11.3g')}"
+                     f"{_cell(grads.get(f'max/update_to_weight/{s}'), '11.3g')}{_cell(grads.get(f'drift/{s}'), '8.3f')}")
+    if "grad_norm/features" in grads:
+        lines.append(f"  {'features':<9}{_cell(grads['grad_norm/features'])}"
+                     f"{_cell(grads.get('max/grad_norm/features'))}   (dL/dF entering the head)")
+    return lines
+
+
+def print_summary(cfg: Any, metrics: dict[str, Any]) -> None:
+    """The run's last lines in the terminal: the result, then the per-stage table and any alarm."""
+    speed = metrics["images_per_sec"]
+    speed = f"{speed:.1f} images/s" if math.isfinite(speed) else \
+        f"images/s not measured (trainer.warmup_steps_excluded={cfg.trainer.warmup_steps_excluded} steps are untimed)"
+    print(f"capsexp: {metrics['status']} after {metrics['steps']} steps: val/acc {metrics['val/acc']:.4f} "
+          f"(best {metrics['best/val/acc']:.4f}), val/loss {metrics['val/loss']:.4f}, {speed}", flush=True)
+    grads = {k: v for k, v in metrics.items() if k.split("/", 1)[0] in ("grad_norm", "update_to_weight", "max", "drift")}
+    if not any(k.startswith("grad_norm/") for k in grads):
+        if cfg.grads.enabled:
+            print(f"no gradient statistics were logged: the run ended before step "
+                  f"grads.log_every_n_steps={cfg.grads.log_every_n_steps}.", flush=True)
+        return
+    print("\n".join(stage_table(grads)), flush=True)
+    for name in ALARMS:
+        if metrics.get(f"alarm/{name}"):
+            print(f"  ! {metrics[f'alarm/{name}']}", flush=True)
