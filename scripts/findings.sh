@@ -29,7 +29,8 @@ if [[ -e "$out" ]]; then
   echo "$out exists; remove it (rm -rf $out) or choose another name: runs are never overwritten." >&2
   exit 1
 fi
-"$CAPSEXP" train -m "$@" trainer.progress=false "hydra.sweep.dir=$out"
+# no checkpoints: the report reads metrics.json and the event files only
+"$CAPSEXP" train -m "$@" trainer.progress=false trainer.checkpoints=none "hydra.sweep.dir=$out"
 "$CAPSEXP" report "$out"
 mkdir -p docs
 cp "$out/report.png" "docs/findings_$name.png"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The seed scenario in two steps, then one report over both:
-#   1. train a backbone with the FC head            -> $OUT/fc_backbone
-#   2. capsule head (adapter none,conv) on it       -> $OUT/capsule  (experiment=seed_scenario)
+#   1. train a backbone with the FC head            -> $OUT/fc_backbone (keeps checkpoints/last.pt)
+#   2. capsule head (adapter none,conv) on it       -> $OUT/capsule  (experiment=seed_scenario, no checkpoints)
 #   3. capsexp report $OUT                          -> $OUT/report.{md,csv,png}
 #
 #   scripts/seed_scenario.sh                         # quick CPU override (~5 min on 2 cores)
@@ -24,6 +24,6 @@ fi
 # shellcheck disable=SC2086  # QUICK is a list of overrides
 "$CAPSEXP" train head=fc $QUICK trainer.progress=false "hydra.run.dir=$OUT/fc_backbone"
 # shellcheck disable=SC2086
-"$CAPSEXP" train -m experiment=seed_scenario $QUICK trainer.progress=false \
-  "backbone.weights=$OUT/fc_backbone/checkpoints/best.pt" "hydra.sweep.dir=$OUT/capsule"
+"$CAPSEXP" train -m experiment=seed_scenario $QUICK trainer.progress=false trainer.checkpoints=none \
+  "backbone.weights=$OUT/fc_backbone/checkpoints/last.pt" "hydra.sweep.dir=$OUT/capsule"
 "$CAPSEXP" report "$OUT"

@@ -120,7 +120,7 @@ def test_bench_cli_times_rows_and_writes_bench_json(tmp_path: Path) -> None:
     assert [cells[0].lstrip("| ") for cells in table] == rows
     fc = dict(zip(["name", "adapter", "iters", "I", "grads", "ms"], table[0]))
     assert fc["ms"] == f"{got['fc']['step_ms_median']:.1f}" and fc["iters"] == "–"
-    assert not list(tmp_path.rglob("*.pt")) and not (tmp_path / "tb").exists()  # no checkpoints, no logs
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("events.out.tfevents.*"))  # no checkpoints, no logs
 
 
 def test_diagnostics_rows_share_one_model_and_take_turns_in_blocks(tmp_path: Path,

@@ -324,14 +324,16 @@ def test_spread_loss_anneals_with_progress() -> None:
     assert start < middle < end
 
 
-def test_unknown_loss_name_raises() -> None:
-    with pytest.raises(ValueError, match=r"loss.name must be one of ce, margin, spread; got 'x'"):
-        build_loss(OmegaConf.create({"name": "x"}))
+@pytest.mark.parametrize(("override", "message"), [
+    ("loss.name=x", "loss.name='x' is not allowed; it must be ce, margin or spread (choose one with loss=<option>)."),
+    ("loss.scale=big", "loss.scale='big' is not allowed; it must be a positive number or learned."),
+])
+def test_bad_loss_settings_are_one_sentence(override: str, message: str) -> None:
+    from conftest import make_cfg
 
+    from capsexp.config import validate
+    from capsexp.errors import UserError
 
-def test_bad_ce_scale_string_raises() -> None:
-    cfg = OmegaConf.create(
-        {"name": "ce", "scale": "big", "label_smoothing": 0.0, "reconstruction_weight": 0.0}
-    )
-    with pytest.raises(ValueError, match="loss.scale"):
-        build_loss(cfg)
+    with pytest.raises(UserError) as caught:
+        validate(make_cfg(override))
+    assert str(caught.value) == message

@@ -199,7 +199,7 @@ def test_bad_data_config_is_one_sentence_naming_the_key(overrides: list[str], me
     assert str(err.value) == message
 
 
-def test_smallest_image_size_is_accepted_and_used() -> None:
+def test_smallest_image_size_is_accepted() -> None:
     validate(make_cfg(f"data.image_size={data.MIN_IMAGE_SIZE}"))
     validate(make_cfg("data=imagefolder", "data.root=/x", f"data.image_size={data.MIN_IMAGE_SIZE}", tiny=False))
     assert data.MIN_IMAGE_SIZE == 32

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from capsexp.figures import gradient_flow_figure
+from capsexp.alarms import VanishingAlarm
 from capsexp.gradients import (
     GradStats,
-    VanishingAlarm,
     frozen_stages,
     gradient_stats,
     median_over_run,

@@ -279,6 +279,9 @@ def test_skip_with_no_decodable_image_says_so(tmp_path: Path) -> None:
         (tmp_path / c).mkdir()
         for i in range(2):
             _make_bad("text", tmp_path / c / f"{i}.png")
-    train, _, _ = build_datasets(folder_cfg(tmp_path, on_bad_image="skip", val_fraction=0.5), seed=0)
-    with pytest.raises(UserError, match="none of the 2 images of this split below .* could be decoded"):
-        train[0]
+    cfg = folder_cfg(tmp_path, on_bad_image="skip", val_fraction=0.5, batch_size=2, num_workers=1)
+    train, val, _ = build_datasets(cfg, seed=0)
+    with pytest.raises(UserError) as err:  # found in a worker process, told in one sentence
+        list(build_loaders(cfg, train, val, seed=0)[0])
+    assert str(err.value) == (f"data: none of the 2 images of this split below '{tmp_path}' could be decoded "
+                              f"(data.on_bad_image=skip skipped them all); check the files.")

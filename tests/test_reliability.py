@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import capsexp.train as train_module
+import capsexp.assembly as assembly
 from capsexp.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from capsexp.engine import StopTraining
 from capsexp.errors import UserError
@@ -66,6 +66,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     ]
 
 
+@pytest.mark.slow
 def test_every_bad_input_is_one_sentence_naming_the_key(tmp_path: Path) -> None:
     failures = []
     for index, (overrides, key) in enumerate(_bad_inputs(tmp_path)):
@@ -90,7 +91,7 @@ def test_capsexp_errors_print_one_line(tmp_path: Path) -> None:
 
 def _poison(monkeypatch: pytest.MonkeyPatch, at_step: int) -> None:
     """Make layer2's gradients NaN at one optimizer step (counted from 1)."""
-    real = train_module.build_model
+    real = assembly.build_model
 
     def build(cfg, num_classes):  # type: ignore[no-untyped-def]
         model = real(cfg, num_classes)
@@ -103,7 +104,7 @@ def _poison(monkeypatch: pytest.MonkeyPatch, at_step: int) -> None:
         model.backbone.layer2[0].conv1.weight.register_hook(hook)
         return model
 
-    monkeypatch.setattr(train_module, "build_model", build)
+    monkeypatch.setattr(assembly, "build_model", build)
 
 
 def test_nan_gradient_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path,
@@ -176,6 +177,7 @@ def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path: Path,
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_two_identical_seeded_runs_give_identical_metrics(tmp_path: Path) -> None:
     cfg = make_cfg("head=capsule", "adapter=conv", "adapter.width=32", "trainer.max_steps=3")
     _same_metrics(train(cfg, run_dir=tmp_path / "a"), train(cfg, run_dir=tmp_path / "b"))
@@ -196,7 +198,7 @@ def test_sigint_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one(t
     deadline = time.time() + 300
     # interrupt once training has logged its second step (the loop owns SIGINT by then)
     while time.time() < deadline and proc.poll() is None:
-        if (run_dir / "tb").is_dir() and len(scalar_tags(run_dir).get("train/loss", [])) >= 2:
+        if list(run_dir.glob("events.out.tfevents.*")) and len(scalar_tags(run_dir).get("train/loss", [])) >= 2:
             break
         time.sleep(0.3)
     proc.send_signal(signal.SIGINT)

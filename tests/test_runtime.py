@@ -52,7 +52,7 @@ def _site() -> str | None:
 
 
 def scalar_tags(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
@@ -128,12 +128,13 @@ def test_a_step_syncs_once_and_a_diagnostics_step_once_more_per_measurement(bf16
     by_step = {e["step"]: e["sites"] for e in log}
     # steps 1 and 3: one read, the same one each step (the documented non-finite check), in capsexp
     assert len(by_step[1]) == 1 and by_step[3] == by_step[1] and by_step[1] != ["outside capsexp"]
-    # step 2 (a logging step): that read, then the gradient statistics in one transfer, and the
-    # capsule head's telemetry in one more; each from its own place, none repeated
+    # step 2 (a logging step): that read, then the gradient statistics in one transfer, the update
+    # ratios (with the features gradient) in one more after the step, and the capsule head's
+    # telemetry in one more; each from its own place, none repeated
     extra = list(by_step[2])
     assert by_step[1][0] in extra
     extra.remove(by_step[1][0])
-    assert len(extra) == (2 if head == "capsule" else 1), by_step[2]
+    assert len(extra) == (3 if head == "capsule" else 2), by_step[2]
     assert len(set(extra)) == len(extra) and by_step[1][0] not in extra and "outside capsexp" not in extra
 
 
@@ -225,7 +226,7 @@ def test_loader_workers_persist_across_epochs(tmp_path: Path) -> None:
 
 def _scaled_loop(tmp_path: Path) -> engine.Loop:
     """A real loop with an enabled GradScaler: the fp16 update path, on the CPU."""
-    from capsexp.train import build_loop
+    from capsexp.assembly import build_loop
 
     cfg = make_cfg("head=fc", "backbone.freeze_depth=4", "grads.enabled=false", "optim.warmup_steps=0")
     rt = setup_runtime(cfg.trainer)
@@ -302,7 +303,7 @@ def test_gradients_that_overflow_at_any_scale_stop_the_run(tmp_path: Path) -> No
 
 def test_a_logging_step_reads_the_gradients_once_for_their_norms(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from capsexp.train import build_loop
+    from capsexp.assembly import build_loop
 
     cfg = make_cfg("head=fc", "backbone.freeze_depth=4", "grads.log_every_n_steps=1", "grads.figure_every_n_steps=0")
     loop = build_loop(cfg, setup_runtime(cfg.trainer), 8, 10, tmp_path / "tb", show_progress=False)
@@ -318,5 +319,5 @@ def test_a_logging_step_reads_the_gradients_once_for_their_norms(tmp_path: Path,
 
     monkeypatch.setattr(torch, "_foreach_norm", counting)
     engine.train_step(loop, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), engine.TrainState())
-    assert len(loop.monitor.history) == 1  # it was a logging step, statistics taken
+    assert "grad_norm/head" in loop.monitor.summary()  # it was a logging step, statistics taken
     assert gradients == [len([p for p in loop.params if p.grad is not None])]

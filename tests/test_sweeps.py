@@ -81,14 +81,14 @@ def test_multirun_names_each_job_by_what_differs(sweep: tuple[Path, subprocess.C
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert jobs == ["00_head=fc", "01_head=capsule"]
     for job in jobs:
-        assert (sweep_dir / job / "tb").is_dir() and (sweep_dir / job / "metrics.json").is_file()
+        assert list((sweep_dir / job).glob("events.out.tfevents.*")) and (sweep_dir / job / "metrics.json").is_file()
         assert (sweep_dir / job / ".hydra" / "overrides.yaml").is_file()
 
 
 def test_hparams_live_in_the_runs_own_event_file(sweep: tuple[Path, subprocess.CompletedProcess | None]) -> None:
-    tb = sweep[0] / "00_head=fc" / "tb"
-    assert [p for p in tb.iterdir() if p.is_dir()] == []  # no extra sub-run for the HParams entry
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "tensors": 0})
+    run = sweep[0] / "00_head=fc"
+    assert [p for p in run.rglob("events.out.tfevents.*") if p.parent != run] == []  # no extra sub-run for HParams
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     assert {"_hparams_/experiment", "_hparams_/session_start_info",
             "_hparams_/session_end_info"} <= set(acc.PluginTagToContent("hparams"))

@@ -28,7 +28,7 @@ def capsule_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_gradient_tags_are_in_the_event_files(capsule_run: Path) -> None:
-    acc = EventAccumulator(str(capsule_run / "capsule" / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc = EventAccumulator(str(capsule_run / "capsule"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     tags = acc.Tags()
     scalars = set(tags["scalars"])
@@ -36,8 +36,11 @@ def test_gradient_tags_are_in_the_event_files(capsule_run: Path) -> None:
     assert {f"grad_norm/{s}" for s in trained} | {"grad_norm/total"} <= scalars
     assert {f"grad_to_weight/{s}" for s in trained} <= scalars
     assert not any("stem" in t for t in scalars if t.startswith("grad"))
-    layers = [t for t in scalars if t.startswith("grad_norm_layer/")]
-    assert "grad_norm_layer/layer1.0.conv1" in layers and "grad_norm_layer/head.class_caps" in layers
+    layers = [t for t in scalars if t.startswith("grad_layer/")]
+    assert "grad_layer/layer1.0.conv1" in layers and "grad_layer/head.class_caps" in layers
+    # a "grad_norm" filter finds the stage tags only: the per-layer tags are named apart
+    assert not any(t.startswith("grad_norm_layer/") for t in scalars)
+    assert "grad_rel_head/layer1" in scalars and "grad_rel_head/head" not in scalars  # no flat line at 1
     assert [e.step for e in acc.Scalars("grad_norm/layer1")] == [1, 2, 3, 4]
     assert "grad_flow" in tags["images"]
     assert {f"grad_hist/{s}" for s in trained} <= set(tags["histograms"])
@@ -59,23 +62,21 @@ def test_the_tensorboard_server_serves_the_gradient_tags(capsule_run: Path) -> N
     try:
         url = f"http://127.0.0.1:{port}/data/plugin/scalars/tags"
         deadline, tags = time.time() + 120, {}
-        while time.time() < deadline and not tags.get("capsule/tb"):
+        while time.time() < deadline and not tags.get("capsule"):
             try:
                 with urllib.request.urlopen(url, timeout=5) as response:
                     tags = json.load(response)
             except OSError:
                 pass
             time.sleep(0.5)
-        assert "capsule/tb" in tags, tags
-        assert "grad_norm/layer1" in tags["capsule/tb"] and "grad_norm/head" in tags["capsule/tb"]
+        assert list(tags) == ["capsule"], tags  # the run folder is the run's name
+        assert "grad_norm/layer1" in tags["capsule"] and "grad_norm/head" in tags["capsule"]
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
 def test_mean_abs_gradients_are_measured_only_for_the_next_flow_figure() -> None:
-    import torch
-
     from capsexp.diagnostics import FLOW_LINES, GradientMonitor
     from capsexp.logger import RunLogger
     from capsexp.models import build_model
@@ -83,8 +84,7 @@ def test_mean_abs_gradients_are_measured_only_for_the_next_flow_figure() -> None
     cfg = make_cfg("backbone=resnet18", "grads.log_every_n_steps=10", "grads.figure_every_n_steps=100",
                    "grads.histogram_every_n_steps=0", "trainer.log_every_n_steps=10")
     model = build_model(cfg, num_classes=8)  # no gradients yet: they count as zero
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    monitor = GradientMonitor(cfg.grads, 10, RunLogger(None), model, optimizer)
+    monitor = GradientMonitor(cfg.grads, 10, RunLogger(None), model, total_steps=200)
     measured, drawn = [], {}
     for step in range(10, 210, 10):
         monitor.after_backward(step, {}, None, {}, {})
@@ -127,7 +127,7 @@ def test_figures_and_gradient_scalars_are_written_off_the_training_thread(tmp_pa
     train(make_cfg("trainer.max_steps=4", "grads.figure_every_n_steps=2"), run_dir=tmp_path)
     assert len(figure_threads) == 2 and training_thread not in figure_threads
     assert scalar_threads and training_thread not in scalar_threads
-    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     # train() returned only after the logger's thread had written everything
     assert [e.step for e in acc.Images("grad_flow")] == [2, 4]

@@ -64,7 +64,7 @@ def load_checkpoint(path: str | Path, key: str = "trainer.resume") -> dict[str, 
     """Read a capsexp checkpoint; anything else (missing, truncated, foreign) is one clear sentence."""
     state = read_torch_file(path, key, "no checkpoint at '{path}'.",
                             "'{path}' is not a readable checkpoint (truncated or corrupt: {error}); "
-                            "resume from another file, e.g. checkpoints/best.pt.")
+                            "resume from another file, e.g. checkpoints/best.pt where the run kept one.")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{key}: '{path}' is not a capsexp checkpoint.")
     return state

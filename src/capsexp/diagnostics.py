@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor
@@ -135,7 +136,8 @@ class GradientMonitor:
         values |= {f"update_to_weight_layer/{k}": v for k, v in stats.layer_ratio.items()}
         if captured is not None:
             values["grad_norm/features"] = stats.extra[0]
-            position_map = torch.tensor(stats.extra[1:]).view(captured.position_map.shape)
+            # host values already (the one transfer above): the figure reads no tensor
+            position_map = np.asarray(stats.extra[1:]).reshape(tuple(captured.position_map.shape))
             self.logger.submit(lambda: self.logger.image("grad_map/features", _map_image(position_map), step,
                                                          dataformats="HWC"), f"grad_map/features at step {step}")
         self.logger.submit(lambda: self.logger.scalars(values, step), f"update ratios at step {step}")
@@ -230,7 +232,7 @@ class GradientMonitor:
             self.drift.load_state_dict(state["drift"])
 
 
-def _map_image(position_map: Tensor) -> Any:
+def _map_image(position_map: np.ndarray) -> np.ndarray:
     from capsexp.figures import position_map_figure
 
-    return position_map_figure(position_map.numpy(), "per-position |dL/dF|, batch mean")
+    return position_map_figure(position_map, "per-position |dL/dF|, batch mean")

@@ -11,6 +11,7 @@ from the directory listing alone; damaged contents (a truncated JPEG) when the f
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import stat
 import sys
@@ -211,8 +212,11 @@ class ImageFiles:
         self.targets = [label for _, label in listing.samples]
         self.skipped_at_start = len(listing.bad)  # nonzero only with policy skip
         # 1 once a file failed to decode. In shared memory, so a loader worker's finding reaches
-        # the parent (and every other worker: each bad file is decoded and reported once).
+        # the parent, and the other workers skip the file without decoding it again; the lock
+        # keeps two workers from both reporting it. A spawn-context lock reaches workers started
+        # any way (a fork-context one cannot be handed to spawned or forkserver workers).
         self.bad = torch.zeros(max(1, len(self.paths)), dtype=torch.uint8).share_memory_()
+        self._report_lock = multiprocessing.get_context("spawn").Lock()
 
     def load(self, index: int) -> Image.Image | None:
         """File ``index`` as RGB; None when it cannot be decoded and the policy is skip."""
@@ -224,9 +228,12 @@ class ImageFiles:
         except Exception as exc:  # noqa: BLE001 -- decoders of untrusted files raise many types
             if self.policy == "stop":
                 raise BadImage(_bad_sentence(path, _reason(exc))) from exc
-            self.bad[index] = 1
-            _warn(f"data: skipping image '{path}' ({_reason(exc)}); data.on_bad_image=skip uses the next "
-                  f"image of its split in its place.")
+            with self._report_lock:
+                first = not self.bad[index]
+                self.bad[index] = 1
+            if first:
+                _warn(f"data: skipping image '{path}' ({_reason(exc)}); data.on_bad_image=skip uses the next "
+                      f"image of its split in its place.")
             return None
 
 
@@ -246,8 +253,8 @@ class ImageSplit(Dataset):
             image = self.files.load(index)
             if image is not None:
                 return self.transform(image), self.files.targets[index]
-        raise UserError(f"data: none of the {len(self.indices)} images of this split below '{self.files.folder}' "
-                        f"could be decoded (data.on_bad_image=skip skipped them all); check the files.")
+        raise BadImage(f"data: none of the {len(self.indices)} images of this split below '{self.files.folder}' "
+                       f"could be decoded (data.on_bad_image=skip skipped them all); check the files.")
 
 
 def bad_image_count(*datasets: Any) -> int:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
+from capsexp.chance import accuracy_meaningless, chance_level, short_note
 from capsexp.config import flatten
 from capsexp.errors import UserError
 
@@ -158,10 +159,15 @@ def differing_keys(runs: Sequence[Run]) -> list[str]:
     return [k for k in differ if k in chosen or not any(k.startswith(f"{p}.") for p in differ)]
 
 
+def _shown(run: Run, key: str) -> bool:
+    """A run's label names a differing key it has a value for, but not a null it did not set."""
+    value = setting(run, key)
+    return value is not None and (value != "null" or key in (run.overrides or {}))
+
+
 def labels(runs: Sequence[Run], keys: Sequence[str]) -> list[str]:
     """``key=value,...`` over the differing keys; the folder name when nothing is known or names clash."""
-    out = [",".join(f"{k}={setting(run, k)}" for k in keys if setting(run, k) is not None) or run.name
-           for run in runs]
+    out = [",".join(f"{k}={setting(run, k)}" for k in keys if _shown(run, k)) or run.name for run in runs]
     return [f"{label} ({run.name})" if out.count(label) > 1 else label for label, run in zip(out, runs)]
 
 
@@ -268,10 +274,11 @@ def markdown_text(value: Any) -> str:
     return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
-def format_markdown(rows: Sequence[dict[str, Any]], root: Path) -> str:
+def format_markdown(rows: Sequence[dict[str, Any]], root: Path, note: str | None = None) -> str:
     """report.md: the table, what the columns mean, the alarm messages, the figure."""
     header, cells = table_cells(rows)
-    out = [f"# capsexp report: {markdown_text(root)}", "", "| " + " | ".join(header) + " |",
+    out = [f"# capsexp report: {markdown_text(root)}", "", *([markdown_text(note), ""] if note else []),
+           "| " + " | ".join(header) + " |",
            "|" + "|".join(":--" if i < 2 else "--:" for i in range(len(header))) + "|",
            *("| " + " | ".join(map(markdown_text, row)) + " |" for row in cells), "",
            "stem..head: median gradient L2 norm per stage over the run (blank: frozen or absent). "
@@ -307,12 +314,19 @@ def write_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: Path) -
 # ---------------------------------------------------------------- the figure
 
 def plot(runs: Sequence[Run], rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """report.png: median gradient norm per stage (log y) and validation accuracy per step, a line per run."""
+    """report.png: ``report_figure`` as a PNG file."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(report_figure(runs, rows)).print_png(str(path))
+
+
+def report_figure(runs: Sequence[Run], rows: Sequence[dict[str, Any]]) -> Any:
+    """Median gradient norm per stage (log y) and validation accuracy per step (0 to 1, chance
+    dashed), a line per run; a matplotlib Figure."""
     import matplotlib
 
     if "matplotlib.pyplot" not in sys.modules:  # headless, as in capsexp.figures; pyplot is never used
         matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -328,15 +342,17 @@ def plot(runs: Sequence[Run], rows: Sequence[dict[str, Any]], path: Path) -> Non
         val = run.scalars.get("val/acc", [])
         if val:
             acc_ax.plot(*zip(*val), marker=".", color=color, label=None if points else row["run"])
+    for chance in sorted({c for c in (chance_level(run.metrics, run.config) for run in runs) if c}):
+        acc_ax.axhline(chance, color="0.35", linestyle="--", linewidth=1, label=f"chance (1/{round(1 / chance)})")
     grads_ax.set(yscale="log", xticks=range(len(stages)), xticklabels=stages, xlabel="stage",
                  ylabel="median gradient norm", title="gradient norm per stage (median over the run)")
-    acc_ax.set(xlabel="step", ylabel="val/acc", title="validation accuracy")
+    acc_ax.set(xlabel="step", ylabel="val/acc", title="validation accuracy", ylim=(0, 1))  # never zoomed in
     acc_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (grads_ax, acc_ax):
         ax.grid(True, alpha=0.3)
     if any(ax.get_legend_handles_labels()[0] for ax in (grads_ax, acc_ax)):
         fig.legend(loc="outside lower center", ncol=min(3, len(rows)), fontsize=8)
-    FigureCanvasAgg(fig).print_png(str(path))
+    return fig
 
 
 # ---------------------------------------------------------------- the command
@@ -359,8 +375,11 @@ def main(argv: list[str]) -> None:
     if not runs:
         raise UserError(f"no runs below '{root}': a run folder holds TensorBoard event files or metrics.json.")
     keys, rows = build_rows(runs)
+    meaningless = [accuracy_meaningless(row["steps"], row["best_val_acc"], run.metrics, run.config)
+                   for run, row in zip(runs, rows)]
+    note = short_note([row["run"] for row in rows], meaningless)
     try:  # the files first: `capsexp report ... | head` may close the terminal side early
-        (root / "report.md").write_text(format_markdown(rows, root))
+        (root / "report.md").write_text(format_markdown(rows, root, note))
         write_csv(rows, keys, root / "report.csv")
         plot(runs, rows, root / "report.png")
     except OSError as exc:
@@ -368,5 +387,7 @@ def main(argv: list[str]) -> None:
     print(format_table(rows))
     for row in (r for r in rows if r["alarm"]):
         print(f"  ! {row['run']}: {row['alarm']}")
+    if note:
+        print(note)
     print(f"capsexp: {len(runs)} run{'s' if len(runs) != 1 else ''}; wrote report.md, report.csv and "
           f"report.png to {root}")

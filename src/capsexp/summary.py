@@ -56,7 +56,8 @@ def _cell(value: float | None, spec: str = "11.4g") -> str:
 def stage_table(grads: dict[str, float]) -> list[str]:
     """The terminal table: per stage, median and max gradient norm, its ratio to the head's,
     median and max update/weight, and the last drift."""
-    stages = [k.split("/", 1)[1] for k in grads if k.startswith("grad_norm/") and k != "grad_norm/total"]
+    stages = [k.split("/", 1)[1] for k in grads
+              if k.startswith("grad_norm/") and k not in ("grad_norm/total", "grad_norm/features")]
     head = grads.get("grad_norm/head")
     lines = ["per stage over the run (median, max; drift at the last validation):",
              f"  {'stage':<9}{'grad_norm':>11}{'max':>11}{'/ head':>9}{'update/w':>11}{'max':>11}{'drift':>8}"]
