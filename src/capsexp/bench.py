@@ -10,8 +10,6 @@ but ``bench.json``; the monitor's TensorBoard events go to a temporary folder th
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -20,17 +18,20 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from capsexp.config import validate
-from capsexp.engine import TrainState, train_step
+from capsexp.engine import Loop, TrainState, train_step
 from capsexp.errors import UserError
 from capsexp.groups import group_option
 from capsexp.models.backbone import feature_size
-from capsexp.runtime import Runtime, setup_runtime
+from capsexp.runtime import PeakMemory, Runtime, setup_runtime
+
+if TYPE_CHECKING:
+    from capsexp.diagnostics import GradientMonitor
 
 BENCH_FILE = "bench.json"
 BENCH_MARKDOWN = "bench.md"
@@ -94,7 +95,7 @@ def _check(cfg: DictConfig) -> None:
     b = cfg.get("bench")
     if b is None:
         raise UserError("the config has no 'bench' group; compose it from capsexp's conf/ folder.")
-    for key, low in (("warmup_steps", 0), ("steps", 1)):
+    for key, low in (("warmup_steps", 0), ("steps", 1), ("drift_repeats", 0)):
         if not _int_at_least(b.get(key), low):
             raise UserError(f"bench.{key}={b.get(key)!r} is not allowed; it must be an integer >= {low}.")
     for key in ("heads", "diagnostics"):
@@ -183,55 +184,6 @@ def device_name(rt: Runtime) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-class PeakMemory:
-    """Peak memory of one row in MB (None where it cannot be measured, e.g. on mps)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.base_kb = 0
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.device.type == "cpu":
-            try:  # hand freed heap back to the OS, so the baseline is this row's starting point
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            except (OSError, AttributeError):
-                pass
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-                self.base_kb = _status_kb("VmRSS")
-            except OSError:
-                self.base_kb = -1
-
-    def skip_warmup(self) -> None:
-        """Forget the peaks of the warm-up steps (cuDNN's algorithm search, compilation), keeping
-        what they left allocated (model, optimizer state): the row reports a steady step."""
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.device.type == "cpu" and self.base_kb >= 0:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                self.base_kb = -1
-
-    def peak_mb(self) -> float | None:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if self.device.type != "cpu" or self.base_kb < 0:
-            return None
-        return max(_status_kb("VmHWM") - self.base_kb, 0) / 1024
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
 def _batches(cfg: DictConfig, classes: int, rt: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(int(cfg.seed))
     size, batch = int(cfg.data.image_size), int(cfg.data.batch_size)
@@ -240,11 +192,6 @@ def _batches(cfg: DictConfig, classes: int, rt: Runtime) -> list[tuple[torch.Ten
     if rt.device.type == "cuda":  # as the DataLoader delivers them (pin_memory on CUDA)
         pairs = [(images.pin_memory(), targets.pin_memory()) for images, targets in pairs]
     return pairs
-
-
-def time_row(cfg: DictConfig, rt: Runtime, classes: int, tb_dir: Path) -> dict[str, Any]:
-    """Build one configuration as ``train`` does and time ``train_step``; return the measurements."""
-    return time_rows([cfg], rt, classes, tb_dir)[0]
 
 
 def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -> list[dict[str, Any]]:
@@ -302,6 +249,8 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
             run(which, count, timed=True)
             peak = memory.peak_mb()
             peaks[which] = peak if peaks[which] is None or peak is None else max(peaks[which], peak)
+    enabled = [i for i, c in enumerate(cfgs) if c.grads.enabled]
+    drift = time_drift(loop, monitors[enabled[0]], states[enabled[0]].step, base, rt) if enabled else None
     loop.logger.close()
     head, side = loop.model.head, loop.model.adapter.out_size(feature_size(int(base.data.image_size)))
     shape = {"input_capsules": head.primary.num_capsules if hasattr(head, "primary") else None,
@@ -310,7 +259,40 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
              "images_per_sec": int(base.data.batch_size) * len(times) / sum(times),
              "step_ms_median": 1000 * statistics.median(times),
              "step_ms_mean": 1000 * statistics.fmean(times),
-             "peak_memory_mb": peak} for times, peak in zip(seconds, peaks)]
+             "peak_memory_mb": peak, **_drift_fields(drift if c.grads.enabled else None, times)}
+            for c, times, peak in zip(cfgs, seconds, peaks)]
+
+
+def _timed(work: Callable[[], Any], rt: Runtime) -> float:
+    rt.synchronize()
+    tick = time.perf_counter()
+    work()
+    rt.synchronize()
+    return time.perf_counter() - tick
+
+
+def time_drift(loop: Loop, monitor: GradientMonitor, step: int, cfg: DictConfig, rt: Runtime
+               ) -> tuple[float, float] | None:
+    """Seconds of ``drift/<stage>`` as a run spends them, through ``monitor``: the starting Gram matrices
+    (once per run) and the median of ``bench.drift_repeats`` validations' measurements, on
+    ``grads.drift.probe_images`` synthetic images. None when drift is off."""
+    count, repeats = int(cfg.grads.drift.probe_images), int(cfg.bench.drift_repeats)
+    if count == 0 or repeats == 0:
+        return None
+    size = int(cfg.data.image_size)
+    images = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(int(cfg.seed) + 1))
+    monitor.drift = None  # a fresh probe: its starting Gram matrices are timed too
+    start = _timed(lambda: monitor.start_drift(images, loop.model, rt), rt)
+    return start, statistics.median([_timed(lambda: monitor.on_validation(step, loop.model, rt), rt)
+                                     for _ in range(repeats)])
+
+
+def _drift_fields(drift: tuple[float, float] | None, times: list[float]) -> dict[str, float | None]:
+    start, per_validation = drift or (None, None)
+    return {"drift_start_ms": None if start is None else 1000 * start,
+            "drift_ms_per_validation": None if per_validation is None else 1000 * per_validation,
+            # a validation's drift measurement in training steps of this row (median step time)
+            "drift_vs_step": None if per_validation is None else per_validation / statistics.median(times)}
 
 
 def _ratios(rows: list[dict[str, Any]], plan_rows: list[Row]) -> None:
@@ -372,8 +354,8 @@ def _time_rows(rows: list[Row], variants: list[DictConfig], rt: Runtime, classes
     with tempfile.TemporaryDirectory(prefix="capsexp-bench-") as tb:
         # one untimed step first, so that one-time library set-up counts against no row's memory
         prime = copy.deepcopy(variants[0])
-        prime.bench.warmup_steps, prime.bench.steps = 0, 1
-        time_row(prime, rt, classes, Path(tb) / "prime")
+        prime.bench.warmup_steps, prime.bench.steps, prime.bench.drift_repeats = 0, 1, 0
+        time_rows([prime], rt, classes, Path(tb) / "prime")
         # rows of one model that differ only in their diagnostics are timed together, interleaved
         groups: dict[str, list[int]] = {}
         for index, row in enumerate(rows):
@@ -407,13 +389,15 @@ def format_markdown(report: dict[str, Any]) -> str:
     """The bench as a Markdown table under a line saying where and how it ran (for a README)."""
     lines = [f"{report['setup']}.", "",
              "| row | adapter | routing iters | input capsules I | grad diagnostics | step ms (median) | "
-             "images/s | peak MB | x fc | x grads off |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+             "images/s | peak MB | x fc | x grads off | drift ms / validation | drift in steps |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         cells = [r["name"], r["adapter"], _fmt(r["routing_iterations"], 0).replace("-", "–"),
                  _fmt(r["input_capsules"], 0).replace("-", "–"), r["grads"], f"{r['step_ms_median']:.1f}",
                  f"{r['images_per_sec']:.1f}", _fmt(r["peak_memory_mb"], 0, ".0f"),
-                 _fmt(r["vs_fc"], 0, ".2f").replace("-", "–"), _fmt(r["vs_grads_off"], 0, ".2f").replace("-", "–")]
+                 _fmt(r["vs_fc"], 0, ".2f").replace("-", "–"), _fmt(r["vs_grads_off"], 0, ".2f").replace("-", "–"),
+                 _fmt(r["drift_ms_per_validation"], 0, ".1f").replace("-", "–"),
+                 _fmt(r["drift_vs_step"], 0, ".2f").replace("-", "–")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", f"Peak MB: {report['memory']}."]
     return "\n".join(lines) + "\n"
@@ -422,11 +406,12 @@ def format_markdown(report: dict[str, Any]) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a fixed-width text table (step time is the median, images/s the mean)."""
     header = (f"{'name':<28} {'head':<7} {'adapter':<7} {'iters':>5} {'I':>6} {'grads':<22} "
-              f"{'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'x fc':>6} {'x off':>6}")
+              f"{'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'x fc':>6} {'x off':>6} {'drift ms':>9} {'x step':>6}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['name']:<28} {r['head']:<7} {r['adapter']:<7} {_fmt(r['routing_iterations'], 5)} "
                      f"{_fmt(r['input_capsules'], 6)} {r['grads']:<22} {r['step_ms_median']:>9.1f} "
                      f"{r['images_per_sec']:>8.1f} {_fmt(r['peak_memory_mb'], 8, '.0f')} "
-                     f"{_fmt(r['vs_fc'], 6, '.2f')} {_fmt(r['vs_grads_off'], 6, '.2f')}")
+                     f"{_fmt(r['vs_fc'], 6, '.2f')} {_fmt(r['vs_grads_off'], 6, '.2f')} "
+                     f"{_fmt(r['drift_ms_per_validation'], 9, '.1f')} {_fmt(r['drift_vs_step'], 6, '.2f')}")
     return "\n".join(lines)

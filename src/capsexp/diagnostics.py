@@ -1,6 +1,7 @@
 """What each stage learns, measured during training and written to TensorBoard.
 
 Tags (a public interface, read by ``capsexp report``): ``grad_norm/<stage>``, ``grad_norm/total``,
+``grad_log10/<stage>`` and ``update_log10/<stage>`` (the same in decades, for linear axes),
 ``grad_to_weight/<stage>``, ``grad_rel_head/<stage>`` (not for the head itself), ``grad_layer/<layer>``,
 ``update_to_weight/<stage>``, ``update_to_weight_layer/<layer>``, ``grad_norm/features``, the images
 ``grad_map/features``, ``grad_flow`` and ``stage_profile``, ``drift/<stage>`` (at validations),
@@ -12,6 +13,7 @@ this module decides when they run, and nothing is copied or measured between log
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -133,6 +135,7 @@ class GradientMonitor:
         extra = [captured.norm, captured.position_map.flatten()] if captured is not None else []
         stats = update_stats(self.stages, before, per_layer=bool(self.cfg.per_layer), extra=extra)
         values = {f"update_to_weight/{k}": v for k, v in stats.stage_ratio.items()}
+        values |= {f"update_log10/{k}": math.log10(v) for k, v in stats.stage_ratio.items() if v > 0 and math.isfinite(v)}
         values |= {f"update_to_weight_layer/{k}": v for k, v in stats.layer_ratio.items()}
         if captured is not None:
             values["grad_norm/features"] = stats.extra[0]
@@ -151,6 +154,8 @@ class GradientMonitor:
         head = stats.stage_norm.get("head")
         for stage, norm in stats.stage_norm.items():
             values[f"grad_norm/{stage}"] = norm
+            if norm > 0 and math.isfinite(norm):
+                values[f"grad_log10/{stage}"] = math.log10(norm)
             values[f"grad_to_weight/{stage}"] = stats.stage_ratio[stage]
             if head and stage != "head":
                 values[f"grad_rel_head/{stage}"] = norm / head
@@ -210,7 +215,7 @@ class GradientMonitor:
 
     def summary(self) -> dict[str, float]:
         """What ``metrics.json`` keeps: medians and maxima per stage over the run, the last drift."""
-        return self.history.summary()
+        return self.history.summary(list(self.cfg.alarm.early_stages))
 
     @property
     def alarm_message(self) -> str | None:

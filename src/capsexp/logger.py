@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from torch import Tensor
@@ -59,14 +59,26 @@ class RunLogger:
             self.writer.add_histogram(tag, values.detach().float().cpu(), step)
 
     def gradient_layout(self, stages: list[str]) -> None:
-        """Custom-scalars dashboard: every stage's gradient norm on one chart, and relative to the head."""
+        """Custom-scalars dashboard: every per-stage measure on one chart each, stem to head.
+
+        The ``*_log10`` charts show decades on TensorBoard's default linear axis, where a capsule
+        run's norms (0.02-0.4) would otherwise lie flat under an FC run's (0.4-5).
+        """
         if self.writer is None:
             return
+        below_head = [s for s in stages if s != "head"]
         self.writer.add_custom_scalars({
-            "Gradients": {
+            "Learning per stage (log10: one unit is a factor of 10)": {
+                "log10 grad_norm per stage (stem to head)": ["Multiline", [f"grad_log10/{s}" for s in stages]],
+                "log10 update/weight per stage (stem to head)": ["Multiline", [f"update_log10/{s}" for s in stages]],
+            },
+            "Learning per stage": {
                 "grad_norm per stage (stem to head)": ["Multiline", [f"grad_norm/{s}" for s in stages]],
-                "grad_norm relative to head": ["Multiline", [f"grad_rel_head/{s}" for s in stages]],
+                "update/weight per stage (stem to head)": ["Multiline", [f"update_to_weight/{s}" for s in stages]],
+                "drift per stage (stem to head; 1 = as at the start)": ["Multiline", [f"drift/{s}" for s in stages]],
+                "grad_norm relative to head": ["Multiline", [f"grad_rel_head/{s}" for s in below_head]],
                 "grad_to_weight per stage": ["Multiline", [f"grad_to_weight/{s}" for s in stages]],
+                "grad_norm entering the backbone": ["Multiline", ["grad_norm/features"]],
             },
             "Training": {
                 "loss": ["Multiline", ["train/loss", "val/loss"]],
@@ -74,20 +86,16 @@ class RunLogger:
             },
         })
 
-    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
-        """HParams dashboard entry written into this run's own event file (no extra run folder).
-
-        ``SummaryWriter.add_hparams`` opens a new sub-run; writing the three summaries through the
-        run's own file writer keeps hyperparameters and metrics beside the run's scalars.
-        """
+    def hparams(self, hparams: Mapping[str, Any], differing: Iterable[str], metrics: Mapping[str, float],
+                step: int) -> None:
+        """HParams dashboard entry written into this run's own event file (no extra run folder):
+        ``capsexp.hparams`` builds it; the metrics are written as scalars at ``step`` beside it."""
         if self.writer is None:
             return
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
+        from capsexp.hparams import hparams_summaries
 
-        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-        exp, ssi, sei = hparams_summary(clean, dict(metrics))
         file_writer = self.writer._get_file_writer()
-        for summary in (exp, ssi, sei):
+        for summary in hparams_summaries(hparams, metrics, differing):
             file_writer.add_summary(summary)
         self.scalars(metrics, step)
 

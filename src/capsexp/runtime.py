@@ -1,4 +1,5 @@
-"""Everything device-specific in one place: device choice, precision, memory format, compile, DDP.
+"""Everything device-specific in one place: device choice, precision, memory format, compile, DDP,
+and the peak-memory probe ``capsexp bench`` reads.
 
 The CUDA fast path (bf16/fp16 autocast, GradScaler, channels-last, cudnn.benchmark, compile) is
 chosen here and nowhere else; bf16 autocast and channels-last also run on CPU, which is how the
@@ -8,10 +9,13 @@ tests exercise this path without a GPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
@@ -78,6 +82,57 @@ class Runtime:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class PeakMemory:
+    """Peak memory in MB since ``start`` (or the last ``skip_warmup``): CUDA's peak allocated memory, or
+    the process's peak resident set on a Linux CPU above where ``start`` found it; None where it cannot
+    be measured (e.g. on mps)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base_kb = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.device.type == "cpu":
+            try:  # hand freed heap back to the OS, so the baseline is what is held now
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+                self.base_kb = _status_kb("VmRSS")
+            except OSError:
+                self.base_kb = -1
+
+    def skip_warmup(self) -> None:
+        """Forget the peaks of the warm-up steps (cuDNN's algorithm search, compilation), keeping
+        what they left allocated (model, optimizer state): the row reports a steady step."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.device.type == "cpu" and self.base_kb >= 0:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.base_kb = -1
+
+    def peak_mb(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.device.type != "cpu" or self.base_kb < 0:
+            return None
+        return max(_status_kb("VmHWM") - self.base_kb, 0) / 1024
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
 
 
 def _resolve_device(name: str, local_rank: int) -> torch.device:

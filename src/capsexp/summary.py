@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 from capsexp.gradients import median_over_run
@@ -27,16 +28,27 @@ class RunHistory:
                 out.append((step, picked))
         return out
 
-    def summary(self) -> dict[str, float]:
+    def early_to_head(self, early: list[str]) -> dict[str, float]:
+        """``early/head``: median over logging steps of sqrt(sum of the trainable early stages'
+        grad_norm^2) / the head's, what the vanishing-gradient alarm watches."""
+        ratios = []
+        for _, values in self.records:
+            parts = [values[f"grad_norm/{s}"] for s in early if f"grad_norm/{s}" in values]
+            head = values.get("grad_norm/head", 0.0)
+            if parts and head > 0:
+                ratios.append(math.sqrt(sum(p * p for p in parts)) / head)
+        return {"early/head": statistics.median(ratios)} if ratios else {}
+
+    def summary(self, early: list[str]) -> dict[str, float]:
         """Medians of every key, then ``max/<key>`` of the per-stage ones (medians hide transients),
-        then ``drift/<stage>`` of the last validation."""
+        ``early/head``, then ``drift/<stage>`` of the last validation."""
         medians = median_over_run([values for _, values in self.records])
         maxima: dict[str, float] = {}
         for _, values in self.records:
             for key, value in values.items():
                 if key != "grad_norm/total" and not math.isnan(value):
                     maxima[f"max/{key}"] = max(maxima.get(f"max/{key}", -math.inf), value)
-        return medians | maxima | self.last_drift
+        return medians | maxima | self.early_to_head(early) | self.last_drift
 
     def state_dict(self) -> dict[str, Any]:
         return {"records": self.records, "last_drift": self.last_drift}
@@ -47,6 +59,18 @@ class RunHistory:
 
 
 ALARMS = ("vanishing_gradients", "not_learning", "exploding")  # metrics.json: alarm/<name>, null if silent
+# what the HParams table shows of a run, as ``summary/<key>`` scalars
+SUMMARY_KEYS = ("val/acc", "best/val/acc", "val/loss", "early/head", "grad_norm/adapter", "grad_norm/features")
+SUMMARY_PREFIXES = ("update_to_weight/", "drift/")
+
+
+def summary_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """``summary/<key>`` values of a finished run, plus ``summary/alarm``: 1 when any alarm fired."""
+    keep = {k: v for k, v in metrics.items() if k in SUMMARY_KEYS or k.startswith(SUMMARY_PREFIXES)}
+    out = {f"summary/{k}": float(v) for k, v in keep.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    out["summary/alarm"] = float(any(metrics.get(f"alarm/{name}") for name in ALARMS))
+    return out
 
 
 def _cell(value: float | None, spec: str = "11.4g") -> str:

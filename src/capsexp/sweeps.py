@@ -158,3 +158,17 @@ def _run_label_resolver(*, _root_: DictConfig) -> str:
 
 OmegaConf.register_new_resolver("capsexp_sweep_subdir", _sweep_subdir_resolver, replace=True)
 OmegaConf.register_new_resolver("capsexp_run_label", _run_label_resolver, replace=True)
+
+
+def swept_keys_of_this_job() -> list[str]:
+    """The keys this Hydra job's sweep varies (none outside a sweep, or outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode.name != "MULTIRUN":
+        return []
+    try:
+        command_line = json.loads(os.environ[COMMAND_LINE_ENV])
+    except (KeyError, ValueError):
+        command_line = sys.argv[1:]
+    params = HydraConfig.get().sweeper.get("params") or {}
+    return swept_keys(command_line if isinstance(command_line, list) else [], dict(params))

@@ -18,7 +18,9 @@ from capsexp.assembly import build_loop, seed_everything
 from capsexp.engine import EpochStats, Loop, StopTraining, TrainState, evaluate, train_one_epoch
 from capsexp.errors import UserError
 from capsexp.progress import progress_lines
-from capsexp.summary import ALARMS, print_summary
+from capsexp.hparams import COMPARED, compared_hparams
+from capsexp.summary import ALARMS, print_summary, summary_metrics
+from capsexp.sweeps import swept_keys_of_this_job
 from capsexp.rundir import environment, output_dir, refuse_taken_folder, shown, write_metrics, write_run_record
 from capsexp.runtime import Runtime, barrier, setup_runtime, teardown
 
@@ -230,11 +232,9 @@ def _finish(cfg: DictConfig, run_dir: Path, loop: Loop, state: TrainState, val: 
     }
     if not loop.rt.is_main:
         return metrics
-    hparams = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
-               if not k.startswith("hydra")}
-    numeric = {f"summary/{k}": float(v) for k, v in metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    loop.logger.hparams(hparams, numeric, state.step)
+    swept = swept_keys_of_this_job()
+    hparams = compared_hparams(flatten(OmegaConf.to_container(cfg, resolve=True)), swept)
+    loop.logger.hparams(hparams, [*COMPARED, *swept], summary_metrics(metrics), state.step)
     loop.logger.close()
     write_metrics(run_dir, metrics)
     print_summary(cfg, metrics)
