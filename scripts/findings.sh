@@ -1,37 +1,68 @@
 #!/usr/bin/env bash
-# Reproduces a README "Findings" table and figure: a sweep into outputs/findings/<name>, then
-# `capsexp report` on it, then its figure copied to docs/findings_<name>.png.
+# The Findings study (docs/findings.md), regenerated from scratch on a CPU:
+#   1. pretrain  a ResNet50 with the FC head on the built-in shapes (64 px)   -> $OUT/pretrain
+#   2. grid128   fine-tune it at 128 px (4x4 map, 512 input capsules):
+#                head fc vs capsule x adapter none vs conv x optim adamw vs sgd,
+#                routing 1 vs 3 for the capsule runs, $SEEDS seeds             -> $OUT/grid128_{fc,capsule}
+#   3. seed224   capsule/none vs capsule/conv at 224 px (7x7 map, 1568 input capsules, the seed's shape)
+#                                                                              -> $OUT/seed224
+#   4. capsexp report on each, the figures copied into docs/
 #
-#   scripts/findings.sh <name> <capsexp train overrides...>
+#   scripts/findings.sh                      # the whole study (about 2 hours on a quiet 2-core CPU)
+#   STEPS=300 SEEDS=0,1,2 scripts/findings.sh   # longer, more seeds (on a GPU, also drop JOBS/threads)
+#   PRETRAIN="backbone.weights=IMAGENET1K_V2" scripts/findings.sh   # ImageNet weights instead of step 1
 #
-# The README's findings, exactly as they were made (2-core CPU):
-#   scripts/findings.sh fc_vs_capsule_64px head=fc,capsule adapter=none,conv
-#   scripts/findings.sh fc_vs_capsule experiment=fc_vs_capsule $QUICK
-#   scripts/findings.sh routing_sweep experiment=routing_sweep $QUICK
-# with QUICK="data.image_size=32 data.train_size=192 data.val_size=96 data.batch_size=16
-#             trainer.max_steps=24 grads.log_every_n_steps=4 optim.warmup_steps=4"
-# On a GPU, drop $QUICK and add e.g. data.image_size=224.
-#
-# Environment: CAPSEXP (the command; default: capsexp on PATH, else .venv/bin/capsexp).
+# A step whose folder already holds its finished runs is skipped, so an interrupted study continues
+# where it stopped. Environment: OUT (default outputs/findings/seed_study), STEPS (fine-tuning steps,
+# default 60), SEEDS (default 0,1), JOBS (parallel jobs, default 2: one per core, one thread each),
+# CAPSEXP (the command), PRETRAIN (overrides that replace step 1's backbone), DOCS (figure folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ $# -lt 2 ]]; then
-  sed -n '2,13p' "$0" >&2
-  exit 2
-fi
-name=$1
-shift
-out=outputs/findings/$name
+OUT=${OUT:-outputs/findings/seed_study}
+STEPS=${STEPS:-60}
+SEEDS=${SEEDS:-0,1}
+JOBS=${JOBS:-2}
+DOCS=${DOCS:-docs}
 CAPSEXP=${CAPSEXP:-$(command -v capsexp || echo .venv/bin/capsexp)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per job: JOBS jobs share the cores without contention
 
-if [[ -e "$out" ]]; then
-  echo "$out exists; remove it (rm -rf $out) or choose another name: runs are never overwritten." >&2
-  exit 1
+# every fine-tuning run: the same data, validation, logging and lean checkpoints
+COMMON="data.train_size=2000 data.val_size=256 trainer.max_steps=$STEPS trainer.max_epochs=100
+        trainer.progress=false trainer.checkpoints=none grads.log_every_n_steps=5 grads.figure_every_n_steps=$STEPS
+        optim.warmup_steps=5 hydra/launcher=local_parallel hydra.launcher.n_jobs=$JOBS"
+
+done_marker() { [[ -f "$1/.complete" ]]; }
+
+if [[ -z "${PRETRAIN:-}" ]]; then
+  if ! done_marker "$OUT/pretrain"; then
+    "$CAPSEXP" train head=fc data.image_size=64 data.train_size=4000 data.val_size=500 trainer.max_epochs=3 \
+      trainer.progress=false grads.figure_every_n_steps=0 "hydra.run.dir=$OUT/pretrain"
+    touch "$OUT/pretrain/.complete"
+  fi
+  PRETRAIN="backbone.weights=$OUT/pretrain/checkpoints/last.pt"
 fi
-# no checkpoints: the report reads metrics.json and the event files only
-"$CAPSEXP" train -m "$@" trainer.progress=false trainer.checkpoints=none "hydra.sweep.dir=$out"
-"$CAPSEXP" report "$out"
-mkdir -p docs
-cp "$out/report.png" "docs/findings_$name.png"
-echo "table: $out/report.md  figure: docs/findings_$name.png"
+
+sweep() {  # sweep <name> <overrides...>: one Hydra sweep into $OUT/<name>, unless it is complete
+  local name=$1
+  shift
+  if ! done_marker "$OUT/$name"; then
+    rm -rf "${OUT:?}/$name"  # an unfinished sweep starts again: its jobs keep no checkpoints
+    # shellcheck disable=SC2086  # COMMON and PRETRAIN are lists of overrides
+    "$CAPSEXP" train -m "$@" $COMMON $PRETRAIN "hydra.sweep.dir=$OUT/$name"
+    touch "$OUT/$name/.complete"
+  fi
+}
+
+sweep grid128_fc head=fc adapter=none,conv optim=adamw,sgd "seed=$SEEDS" data.image_size=128 data.batch_size=16
+sweep grid128_capsule head=capsule adapter=none,conv optim=adamw,sgd head.routing.iterations=1,3 "seed=$SEEDS" \
+  data.image_size=128 data.batch_size=16
+sweep seed224 head=capsule adapter=none,conv "seed=$SEEDS" data.image_size=224 data.batch_size=8
+
+for name in grid128_fc grid128_capsule seed224; do
+  "$CAPSEXP" report "$OUT/$name"
+done
+"$CAPSEXP" report "$OUT"  # the whole study in one table and one figure
+mkdir -p "$DOCS"
+cp "$OUT/report.png" "$DOCS/findings_seed_study.png"
+echo "tables: $OUT/report.md and $OUT/<step>/report.md; figure: $DOCS/findings_seed_study.png"

@@ -130,8 +130,8 @@ def test_a_weights_name_the_architecture_lacks_fails_before_any_download(
 
 def test_an_unknown_architecture_is_one_sentence() -> None:
     with pytest.raises(UserError, match=r"^backbone.name='vgg16' is not allowed; it must be resnet18, .* or "
-                                        r"wide_resnet50_2\.$"):
-        build_backbone(_cfg(name="vgg16"))
+                                        r"wide_resnet50_2 \(choose one with backbone=<option>\)\.$"):
+        validate(make_cfg("backbone.name=vgg16"))
 
 
 @pytest.mark.parametrize("content,needle", [

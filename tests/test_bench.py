@@ -9,9 +9,10 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from capsexp.bench import PeakMemory, format_table, num_classes, plan, variant
+from capsexp.bench import format_table, num_classes, plan, variant
 from capsexp.errors import UserError
 from capsexp.models import build_model
+from capsexp.runtime import PeakMemory
 from conftest import make_cfg, run_cli
 
 ALL_ROWS = ["fc", "capsule-none-r1", "capsule-none-r3", "capsule-conv-r1", "capsule-conv-r3",
@@ -19,7 +20,7 @@ ALL_ROWS = ["fc", "capsule-none-r1", "capsule-none-r3", "capsule-conv-r1", "caps
             "fc-grads-every", "capsule-conv-r3-grads-every"]
 ROW_KEYS = {"name", "head", "adapter", "routing_iterations", "input_capsules", "head_input", "grads", "device",
             "precision", "image_size", "batch_size", "images_per_sec", "step_ms_median", "step_ms_mean",
-            "peak_memory_mb", "vs_fc", "vs_grads_off"}
+            "peak_memory_mb", "vs_fc", "vs_grads_off", "drift_start_ms", "drift_ms_per_validation", "drift_vs_step"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,8 +95,8 @@ def test_cpu_peak_memory_sees_a_short_lived_allocation() -> None:
 def test_bench_cli_times_rows_and_writes_bench_json(tmp_path: Path) -> None:
     rows = ["fc", "capsule-conv-r3", "fc-grads-off", "fc-grads-every"]
     done = run_cli("bench", "bench.warmup_steps=1", "bench.steps=2", "data.image_size=32", "data.batch_size=4",
-                   f"bench.rows=[{','.join(rows)}]", f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout=600,
-                   env={"OMP_NUM_THREADS": "1"})
+                   "grads.drift.probe_images=8", "bench.drift_repeats=2", f"bench.rows=[{','.join(rows)}]",
+                   f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout=600, env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert f"capsexp: wrote {tmp_path / 'bench.json'}" in done.stdout
@@ -111,6 +112,14 @@ def test_bench_cli_times_rows_and_writes_bench_json(tmp_path: Path) -> None:
         assert row["images_per_sec"] > 0 and row["step_ms_median"] > 0 and row["peak_memory_mb"] > 0
         assert (row["device"], row["precision"], row["image_size"], row["batch_size"])[1:] == ("fp32", 32, 4)
         assert row["device"] in done.stdout and row["name"] in done.stdout
+    # what drift/<stage> adds to a validation, timed once per model, for the rows with diagnostics on
+    assert "8 probe images" in report["drift"]
+    for name in ("fc", "capsule-conv-r3", "fc-grads-every"):
+        row = got[name]
+        assert row["drift_start_ms"] > 0 and row["drift_ms_per_validation"] > 0 and row["drift_vs_step"] > 0
+        assert row["drift_vs_step"] == pytest.approx(row["drift_ms_per_validation"] / row["step_ms_median"])
+    assert got["fc-grads-every"]["drift_ms_per_validation"] == got["fc"]["drift_ms_per_validation"]  # one model
+    assert all(got["fc-grads-off"][k] is None for k in ("drift_start_ms", "drift_ms_per_validation", "drift_vs_step"))
     assert format_table(report["rows"]).splitlines()[0] in done.stdout
     # the same table as Markdown, under where and how it ran
     markdown = (tmp_path / "bench.md").read_text().splitlines()
@@ -120,6 +129,7 @@ def test_bench_cli_times_rows_and_writes_bench_json(tmp_path: Path) -> None:
     assert [cells[0].lstrip("| ") for cells in table] == rows
     fc = dict(zip(["name", "adapter", "iters", "I", "grads", "ms"], table[0]))
     assert fc["ms"] == f"{got['fc']['step_ms_median']:.1f}" and fc["iters"] == "–"
+    assert table[0][-2] == f"{got['fc']['drift_ms_per_validation']:.1f}" and table[2][-2] == "–"  # fc-grads-off
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("events.out.tfevents.*"))  # no checkpoints, no logs
 
 
@@ -144,10 +154,19 @@ def test_diagnostics_rows_share_one_model_and_take_turns_in_blocks(tmp_path: Pat
         order.append(created.index(loop.monitor))
         return real_step(loop, *args)
 
+    figures: list[tuple[int, int]] = []  # (monitor, step) of every gradient figure drawn
+    real_figures = diagnostics.GradientMonitor._log_figures
+
+    def log_figures(self: diagnostics.GradientMonitor, at: int) -> None:
+        figures.append((created.index(self), at))
+        real_figures(self, at)
+
     monkeypatch.setattr(diagnostics.GradientMonitor, "__init__", init)
+    monkeypatch.setattr(diagnostics.GradientMonitor, "_log_figures", log_figures)
     monkeypatch.setattr(bench_module, "train_step", step)
     cfg = bench_cfg("head=fc", "backbone.freeze_depth=4", "bench.warmup_steps=1", "bench.steps=5",
-                    "grads.log_every_n_steps=2", "grads.figure_every_n_steps=0")
+                    "grads.log_every_n_steps=2", "grads.figure_every_n_steps=4", "grads.drift.probe_images=4",
+                    "bench.drift_repeats=1")
     rows = [r for r in plan(cfg) if r.base == "fc"]
     assert [r.name for r in rows] == ["fc", "fc-grads-off", "fc-grads-every"]
     results = bench_module.time_rows([variant(cfg, r) for r in rows], setup_runtime(cfg.trainer), 8, tmp_path)
@@ -156,5 +175,17 @@ def test_diagnostics_rows_share_one_model_and_take_turns_in_blocks(tmp_path: Pat
     assert order == [0, 1, 2] + [0, 0, 1, 1, 2, 2] * 2 + [0, 1, 2]
     # each setting counts its own steps 1..6 (1 warm-up + 5 timed): the default interval logs at
     # steps 2, 4, 6; off never; every step at all six
-    assert [len(m.history) for m in created] == [3, 0, 6]
+    logged = [sorted({at for at, _ in m.history.records}) for m in created]
+    assert logged == [[2, 4, 6], [], [1, 2, 3, 4, 5, 6]]
+    # a logging step measures all of it: gradient norms, update/weight after the step and the
+    # gradient entering the backbone; the figures come at their own interval
+    for monitor, steps in zip(created, logged):
+        for at in steps:
+            keys = set().union(*(values for s, values in monitor.history.records if s == at))
+            assert {"grad_norm/total", "grad_norm/head", "update_to_weight/head", "update_to_weight/layer4",
+                    "grad_norm/features"} <= keys
+    assert figures == [(0, 4), (2, 4)]
+    # drift, timed through the default setting's monitor: a probe, its starting Gram matrices, a measurement
+    assert created[0].drift is not None and created[0].history.last_drift
+    assert results[0]["drift_ms_per_validation"] > 0 and results[1]["drift_ms_per_validation"] is None
     assert all(r["step_ms_median"] > 0 and r["images_per_sec"] > 0 for r in results) and len(results) == 3

@@ -3,8 +3,9 @@
 Every row builds model, loss, optimizer, schedule, scaler and gradient monitor with the builders
 ``train`` uses and times ``engine.train_step`` itself, so a row costs what a training step costs
 (device, precision, channels-last and compile come from ``trainer``). Inputs are synthetic random
-batches of ``data.image_size`` x ``data.batch_size``: data loading is not timed. Nothing is saved
-but ``bench.json``; the monitor's TensorBoard events go to a temporary folder that is deleted.
+batches of ``data.image_size`` x ``data.batch_size``: data loading is not timed. Per model it also
+times what ``drift/<stage>`` adds to a validation, through the same monitor. Nothing is saved but
+``bench.json`` and ``bench.md``; the monitor's TensorBoard events go to a temporary folder that is deleted.
 """
 
 from __future__ import annotations
@@ -18,32 +19,48 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from capsexp.assembly import build_loop, seed_everything
+from capsexp.checks import Check, boolean, integer
 from capsexp.config import validate
+from capsexp.diagnostics import GradientMonitor
 from capsexp.engine import Loop, TrainState, train_step
 from capsexp.errors import UserError
 from capsexp.groups import group_option
 from capsexp.models.backbone import feature_size
+from capsexp.rundir import output_dir
 from capsexp.runtime import PeakMemory, Runtime, setup_runtime
-
-if TYPE_CHECKING:
-    from capsexp.diagnostics import GradientMonitor
 
 BENCH_FILE = "bench.json"
 BENCH_MARKDOWN = "bench.md"
 ADAPTERS = ("none", "conv", "linear")
 CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
 DEFAULT_LOSS = {"fc": "ce", "capsule": "margin"}  # what composing head=<name> selects
-MEMORY_NOTE = {
-    "cuda": "torch.cuda.max_memory_allocated during the timed steps (peak reset after warm-up; model, "
-            "optimizer state and activations, not cuDNN's algorithm search)",
-    "cpu": "peak resident set size during the timed steps (Linux VmHWM, reset after warm-up through "
-           "/proc/self/clear_refs) minus the resident size before the model was built",
-}
+
+# (text-table title, width: negative = left-aligned text, Markdown title or None, row key, format)
+COLUMNS: list[tuple[str, int, str | None, str, str]] = [
+    ("name", -28, "row", "name", ""), ("head", -7, None, "head", ""), ("adapter", -7, "adapter", "adapter", ""),
+    ("iters", 5, "routing iters", "routing_iterations", ""), ("I", 6, "input capsules I", "input_capsules", ""),
+    ("grads", -22, "grad diagnostics", "grads", ""), ("ms/step", 9, "step ms (median)", "step_ms_median", ".1f"),
+    ("img/s", 8, "images/s", "images_per_sec", ".1f"), ("peak MB", 8, "peak MB", "peak_memory_mb", ".0f"),
+    ("x fc", 6, "x fc", "vs_fc", ".2f"), ("x off", 6, "x grads off", "vs_grads_off", ".2f"),
+    ("drift ms", 9, "drift ms / validation", "drift_ms_per_validation", ".1f"),
+    ("x step", 6, "drift in steps", "drift_vs_step", ".2f")]
+BENCH_CHECKS: list[Check] = [  # (key under bench., predicate, what is allowed)
+    ("warmup_steps", integer(0), "an integer >= 0"), ("steps", integer(1), "an integer >= 1"),
+    ("drift_repeats", integer(0), "an integer >= 0"), ("heads", boolean, "true or false"),
+    ("diagnostics", boolean, "true or false"), ("num_classes", integer(2, optional=True), "an integer >= 2 or null"),
+    ("adapters", lambda v: bool(v) and all(a in ADAPTERS for a in v), f"a non-empty list of {', '.join(ADAPTERS)}"),
+    ("routing_iterations", lambda v: bool(v) and all(integer(1)(k) for k in v), "a non-empty list of integers >= 1"),
+]
+NO_DRIFT: dict[str, float | None] = {"drift_start_ms": None, "drift_ms_per_validation": None}
+DRIFT_NOTE = ("drift/<stage> at one validation (a forward of the {images} probe images, centred Gram matrices, "
+              "linear CKA), median of bench.drift_repeats, measured once per model; x step: that time in "
+              "training steps of the row (median step time)")
 
 
 @dataclass(frozen=True)
@@ -87,29 +104,15 @@ def plan(cfg: DictConfig) -> list[Row]:
     return rows
 
 
-def _int_at_least(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 def _check(cfg: DictConfig) -> None:
     b = cfg.get("bench")
     if b is None:
         raise UserError("the config has no 'bench' group; compose it from capsexp's conf/ folder.")
-    for key, low in (("warmup_steps", 0), ("steps", 1), ("drift_repeats", 0)):
-        if not _int_at_least(b.get(key), low):
-            raise UserError(f"bench.{key}={b.get(key)!r} is not allowed; it must be an integer >= {low}.")
-    for key in ("heads", "diagnostics"):
-        if not isinstance(b.get(key), bool):
-            raise UserError(f"bench.{key}={b.get(key)!r} is not allowed; it must be true or false.")
-    if not b.adapters or any(a not in ADAPTERS for a in b.adapters):
-        raise UserError(f"bench.adapters={list(b.adapters or [])} is not allowed; it must be a non-empty "
-                        f"list of {', '.join(ADAPTERS)}.")
-    if not b.routing_iterations or not all(_int_at_least(k, 1) for k in b.routing_iterations):
-        raise UserError(f"bench.routing_iterations={list(b.routing_iterations or [])} is not allowed; "
-                        f"it must be a non-empty list of integers >= 1.")
-    n = b.get("num_classes")
-    if n is not None and not _int_at_least(n, 2):
-        raise UserError(f"bench.num_classes={n!r} is not allowed; it must be an integer >= 2 or null.")
+    for key, ok, allowed in BENCH_CHECKS:
+        value = b.get(key)
+        if not ok(value):
+            shown = list(value) if OmegaConf.is_list(value) else value
+            raise UserError(f"bench.{key}={shown!r} is not allowed; it must be {allowed}.")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("capsexp bench times one process; run it without torchrun.")
 
@@ -204,9 +207,6 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
     speed (other tenants, clocks) falls on every configuration alike instead of on whichever row
     happened to run last. One configuration is simply timed step after step.
     """
-    from capsexp.diagnostics import GradientMonitor
-    from capsexp.assembly import build_loop, seed_everything
-
     base = cfgs[0]
     warmup, steps = int(base.bench.warmup_steps), int(base.bench.steps)
     # the longest logging interval among them: the default one (an "every step" variant has 1)
@@ -224,19 +224,16 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
     # a step counter per configuration: each monitor sees steps 1, 2, ... as in a run of its own,
     # so work due at a step (a logging step, a flow figure) falls on the configuration it belongs to
     states, batches = [TrainState() for _ in cfgs], _batches(base, classes, rt)
-    seconds: list[list[float]] = [[] for _ in cfgs]
+    times: list[list[float]] = [[] for _ in cfgs]
     peaks: list[float | None] = [None for _ in cfgs]
 
     def run(which: int, count: int, timed: bool) -> None:
         loop.monitor, state = monitors[which], states[which]
         for _ in range(count):
             images, targets = batches[state.step % len(batches)]
-            rt.synchronize()  # time the step's own work, not work still queued on the GPU
-            tick = time.perf_counter()
-            train_step(loop, images, targets, state)
-            rt.synchronize()
+            ms = _timed(lambda: train_step(loop, images, targets, state), rt)
             if timed:
-                seconds[which].append(time.perf_counter() - tick)
+                times[which].append(ms)
             state.step += 1
 
     loop.objective.train()
@@ -250,49 +247,45 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
             peak = memory.peak_mb()
             peaks[which] = peak if peaks[which] is None or peak is None else max(peaks[which], peak)
     enabled = [i for i, c in enumerate(cfgs) if c.grads.enabled]
-    drift = time_drift(loop, monitors[enabled[0]], states[enabled[0]].step, base, rt) if enabled else None
+    drift = time_drift(loop, monitors[enabled[0]], states[enabled[0]].step, base, rt) if enabled else NO_DRIFT
     loop.logger.close()
-    head, side = loop.model.head, loop.model.adapter.out_size(feature_size(int(base.data.image_size)))
-    shape = {"input_capsules": head.primary.num_capsules if hasattr(head, "primary") else None,
-             "head_input": f"{loop.model.adapter.out_channels}x{side}x{side}"}
-    return [{**shape,
-             "images_per_sec": int(base.data.batch_size) * len(times) / sum(times),
-             "step_ms_median": 1000 * statistics.median(times),
-             "step_ms_mean": 1000 * statistics.fmean(times),
-             "peak_memory_mb": peak, **_drift_fields(drift if c.grads.enabled else None, times)}
-            for c, times, peak in zip(cfgs, seconds, peaks)]
+    return [{**_shape(loop, int(base.data.image_size)),
+             "images_per_sec": 1000 * int(base.data.batch_size) * len(ms) / sum(ms),
+             "step_ms_median": statistics.median(ms), "step_ms_mean": statistics.fmean(ms),
+             "peak_memory_mb": peak, **(drift if c.grads.enabled else NO_DRIFT)}
+            for c, ms, peak in zip(cfgs, times, peaks)]
+
+
+def _shape(loop: Loop, image_size: int) -> dict[str, Any]:
+    """What the head reads: its input capsules I (None for the FC head) and the adapter's output."""
+    head, side = loop.model.head, loop.model.adapter.out_size(feature_size(image_size))
+    return {"input_capsules": head.primary.num_capsules if hasattr(head, "primary") else None,
+            "head_input": f"{loop.model.adapter.out_channels}x{side}x{side}"}
 
 
 def _timed(work: Callable[[], Any], rt: Runtime) -> float:
+    """Milliseconds of ``work``'s own device work: nothing queued before it, all of its own."""
     rt.synchronize()
     tick = time.perf_counter()
     work()
     rt.synchronize()
-    return time.perf_counter() - tick
+    return 1000 * (time.perf_counter() - tick)
 
 
 def time_drift(loop: Loop, monitor: GradientMonitor, step: int, cfg: DictConfig, rt: Runtime
-               ) -> tuple[float, float] | None:
-    """Seconds of ``drift/<stage>`` as a run spends them, through ``monitor``: the starting Gram matrices
-    (once per run) and the median of ``bench.drift_repeats`` validations' measurements, on
-    ``grads.drift.probe_images`` synthetic images. None when drift is off."""
+               ) -> dict[str, float | None]:
+    """Milliseconds of ``drift/<stage>`` as a run spends them, through ``monitor``: the starting Gram
+    matrices (once per run) and the median of ``bench.drift_repeats`` validations' measurements, on
+    ``grads.drift.probe_images`` synthetic images (None when drift is off)."""
     count, repeats = int(cfg.grads.drift.probe_images), int(cfg.bench.drift_repeats)
     if count == 0 or repeats == 0:
-        return None
+        return dict(NO_DRIFT)
     size = int(cfg.data.image_size)
     images = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(int(cfg.seed) + 1))
     monitor.drift = None  # a fresh probe: its starting Gram matrices are timed too
     start = _timed(lambda: monitor.start_drift(images, loop.model, rt), rt)
-    return start, statistics.median([_timed(lambda: monitor.on_validation(step, loop.model, rt), rt)
-                                     for _ in range(repeats)])
-
-
-def _drift_fields(drift: tuple[float, float] | None, times: list[float]) -> dict[str, float | None]:
-    start, per_validation = drift or (None, None)
-    return {"drift_start_ms": None if start is None else 1000 * start,
-            "drift_ms_per_validation": None if per_validation is None else 1000 * per_validation,
-            # a validation's drift measurement in training steps of this row (median step time)
-            "drift_vs_step": None if per_validation is None else per_validation / statistics.median(times)}
+    validations = [_timed(lambda: monitor.on_validation(step, loop.model, rt), rt) for _ in range(repeats)]
+    return {"drift_start_ms": start, "drift_ms_per_validation": statistics.median(validations)}
 
 
 def _ratios(rows: list[dict[str, Any]], plan_rows: list[Row]) -> None:
@@ -304,16 +297,15 @@ def _ratios(rows: list[dict[str, Any]], plan_rows: list[Row]) -> None:
         row["vs_fc"] = row["step_ms_mean"] / fc["step_ms_mean"] if fc else None
         ref = off.get(p.base)
         row["vs_grads_off"] = row["step_ms_mean"] / ref["step_ms_mean"] if ref else None
+        drift = row["drift_ms_per_validation"]  # in steps of this row: what a validation adds
+        row["drift_vs_step"] = drift / row["step_ms_median"] if drift is not None else None
 
 
 def bench(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
     """Time every planned row; print a table and write ``bench.json`` into ``run_dir``."""
     validate(cfg)
     _check(cfg)
-    if run_dir is None:
-        from capsexp.rundir import output_dir
-
-        run_dir = output_dir()
+    run_dir = output_dir() if run_dir is None else run_dir
     rows_plan = plan(cfg)
     if not rows_plan:
         raise UserError("this bench has no rows: set bench.heads or bench.diagnostics to true, or name "
@@ -329,9 +321,10 @@ def bench(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
     _warn_interval(cfg, rows_plan)
     results = [{**r, **common} for r in _time_rows(rows_plan, variants, rt, classes)]
     _ratios(results, rows_plan)
-    report = {"memory": MEMORY_NOTE.get(rt.device.type, "not measured on this device"),
+    report = {"memory": PeakMemory.NOTES.get(rt.device.type, "not measured on this device"),
               "inputs": "synthetic random batches (data loading not timed)",
               "warmup_steps": int(cfg.bench.warmup_steps), "steps": int(cfg.bench.steps),
+              "drift": DRIFT_NOTE.format(images=int(cfg.grads.drift.probe_images)),
               "torch": str(torch.__version__), "rows": results}
     report["setup"] = (f"{common['device']}, {rt.precision}, channels-last {'on' if rt.channels_last else 'off'}, "
                        f"compile {'on' if cfg.trainer.compile else 'off'}, {common['image_size']} px, batch "
@@ -343,75 +336,64 @@ def bench(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
     (run_dir / BENCH_MARKDOWN).write_text(format_markdown(report))
     print(format_table(results))
     print(f"ms/step: median; img/s: mean; x fc, x off: mean step time over the fc row's, over the same "
-          f"model's grads-off row's\npeak MB: {report['memory']}\ncapsexp: wrote {path} and "
-          f"{BENCH_MARKDOWN}", flush=True)
+          f"model's grads-off row's\npeak MB: {report['memory']}\ndrift ms, x step: {report['drift']}\n"
+          f"capsexp: wrote {path} and {BENCH_MARKDOWN}", flush=True)
     return results
 
 
 def _time_rows(rows: list[Row], variants: list[DictConfig], rt: Runtime, classes: int
                ) -> list[dict[str, Any]]:
-    out = []
     with tempfile.TemporaryDirectory(prefix="capsexp-bench-") as tb:
         # one untimed step first, so that one-time library set-up counts against no row's memory
         prime = copy.deepcopy(variants[0])
         prime.bench.warmup_steps, prime.bench.steps, prime.bench.drift_repeats = 0, 1, 0
         time_rows([prime], rt, classes, Path(tb) / "prime")
         # rows of one model that differ only in their diagnostics are timed together, interleaved
-        groups: dict[str, list[int]] = {}
-        for index, row in enumerate(rows):
-            groups.setdefault(row.base, []).append(index)
         measured: dict[int, dict[str, Any]] = {}
-        for base, members in groups.items():
-            results = time_rows([variants[i] for i in members], rt, classes, Path(tb) / base)
-            for index, result in zip(members, results):
-                measured[index] = result
-                print(f"  {rows[index].name}: {result['step_ms_median']:.1f} ms/step", flush=True)
-        for index, (row, row_cfg) in enumerate(zip(rows, variants)):
-            out.append({"name": row.name, "head": row.head, "adapter": row.adapter,
-                        "routing_iterations": row.iterations, "grads": _grads_label(row_cfg),
-                        **measured[index]})
-    return out
+        for base in dict.fromkeys(row.base for row in rows):
+            members = [i for i, row in enumerate(rows) if row.base == base]
+            measured.update(zip(members, time_rows([variants[i] for i in members], rt, classes, Path(tb) / base)))
+            for i in members:
+                drift = measured[i]["drift_ms_per_validation"]
+                print(f"  {rows[i].name}: {measured[i]['step_ms_median']:.1f} ms/step"
+                      + (f", drift {drift:.1f} ms/validation" if drift is not None else ""), flush=True)
+    return [{"name": row.name, "head": row.head, "adapter": row.adapter, "routing_iterations": row.iterations,
+             "grads": _grads_label(row_cfg), **measured[i]} for i, (row, row_cfg) in enumerate(zip(rows, variants))]
 
 
 def _warn_interval(cfg: DictConfig, rows: list[Row]) -> None:
-    every = int(cfg.grads.log_every_n_steps)
-    if cfg.grads.enabled and int(cfg.bench.steps) < every and any(r.grads == "default" for r in rows):
+    every, figures = int(cfg.grads.log_every_n_steps), int(cfg.grads.figure_every_n_steps)
+    if not cfg.grads.enabled or not any(r.grads == "default" for r in rows):
+        return
+    if int(cfg.bench.steps) < every:
         print(f"capsexp: note: bench.steps={cfg.bench.steps} is below grads.log_every_n_steps={every}, so "
               f"rows with the default diagnostics interval time no diagnostics step; use a multiple of "
               f"{every} to count them at their share.", flush=True)
+    elif 0 < figures and int(cfg.bench.warmup_steps) + int(cfg.bench.steps) < figures:
+        print(f"capsexp: note: the rows time no gradient figure (grads.figure_every_n_steps={figures}); "
+              f"bench.steps={figures} counts one at its share.", flush=True)
 
 
-def _fmt(value: Any, width: int, spec: str = "") -> str:
-    return f"{'-' if value is None else format(value, spec):>{width}}"
+def _cell(value: Any, spec: str, none: str) -> str:
+    return none if value is None else format(value, spec)
+
+
+def _align(text: str, width: int) -> str:
+    return f"{text:<{-width}}" if width < 0 else f"{text:>{width}}"
 
 
 def format_markdown(report: dict[str, Any]) -> str:
     """The bench as a Markdown table under a line saying where and how it ran (for a README)."""
-    lines = [f"{report['setup']}.", "",
-             "| row | adapter | routing iters | input capsules I | grad diagnostics | step ms (median) | "
-             "images/s | peak MB | x fc | x grads off | drift ms / validation | drift in steps |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report["rows"]:
-        cells = [r["name"], r["adapter"], _fmt(r["routing_iterations"], 0).replace("-", "–"),
-                 _fmt(r["input_capsules"], 0).replace("-", "–"), r["grads"], f"{r['step_ms_median']:.1f}",
-                 f"{r['images_per_sec']:.1f}", _fmt(r["peak_memory_mb"], 0, ".0f"),
-                 _fmt(r["vs_fc"], 0, ".2f").replace("-", "–"), _fmt(r["vs_grads_off"], 0, ".2f").replace("-", "–"),
-                 _fmt(r["drift_ms_per_validation"], 0, ".1f").replace("-", "–"),
-                 _fmt(r["drift_vs_step"], 0, ".2f").replace("-", "–")]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines += ["", f"Peak MB: {report['memory']}."]
+    columns = [c for c in COLUMNS if c[2] is not None]
+    lines = [f"{report['setup']}.", "", "| " + " | ".join(c[2] for c in columns) + " |",
+             "|" + "|".join("---" if width < 0 else "---:" for _, width, *_ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(r[key], spec, "–") for *_, key, spec in columns) + " |" for r in report["rows"]]
+    lines += ["", f"Peak MB: {report['memory']}. Drift: {report['drift']}."]
     return "\n".join(lines) + "\n"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a fixed-width text table (step time is the median, images/s the mean)."""
-    header = (f"{'name':<28} {'head':<7} {'adapter':<7} {'iters':>5} {'I':>6} {'grads':<22} "
-              f"{'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'x fc':>6} {'x off':>6} {'drift ms':>9} {'x step':>6}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(f"{r['name']:<28} {r['head']:<7} {r['adapter']:<7} {_fmt(r['routing_iterations'], 5)} "
-                     f"{_fmt(r['input_capsules'], 6)} {r['grads']:<22} {r['step_ms_median']:>9.1f} "
-                     f"{r['images_per_sec']:>8.1f} {_fmt(r['peak_memory_mb'], 8, '.0f')} "
-                     f"{_fmt(r['vs_fc'], 6, '.2f')} {_fmt(r['vs_grads_off'], 6, '.2f')} "
-                     f"{_fmt(r['drift_ms_per_validation'], 9, '.1f')} {_fmt(r['drift_vs_step'], 6, '.2f')}")
-    return "\n".join(lines)
+    header = " ".join(_align(title, width) for title, width, *_ in COLUMNS)
+    return "\n".join([header, "-" * len(header)] + [" ".join(_align(_cell(r[key], spec, "-"), width)
+                                                            for _, width, _, key, spec in COLUMNS) for r in rows])

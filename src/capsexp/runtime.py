@@ -89,6 +89,13 @@ class PeakMemory:
     the process's peak resident set on a Linux CPU above where ``start`` found it; None where it cannot
     be measured (e.g. on mps)."""
 
+    NOTES = {  # what the peak is, per device type, in words for a benchmark's reader
+        "cuda": "torch.cuda.max_memory_allocated during the timed steps (peak reset after warm-up; model, "
+                "optimizer state and activations, not cuDNN's algorithm search)",
+        "cpu": "peak resident set size during the timed steps (Linux VmHWM, reset after warm-up through "
+               "/proc/self/clear_refs) minus the resident size before the model was built",
+    }
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.base_kb = 0

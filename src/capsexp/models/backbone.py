@@ -16,7 +16,7 @@ import torchvision
 from torch import Tensor, nn
 
 from capsexp.checkpoint import read_torch_file
-from capsexp.checks import Check, choice, integer, one_of
+from capsexp.checks import Check, integer, one_of
 from capsexp.errors import UserError
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -82,12 +82,16 @@ class Backbone(nn.Module):
             if name not in ("avgpool", "fc"):
                 self.add_module(name, child)
         self.freeze_depth = freeze_depth
-        self._stage_names = list(self.stages())
-        for stage in list(self.stages().values())[:freeze_depth]:
+        # built once; a plain dict attribute, so no module is registered twice in the state dict
+        self._stages = self._read_stages()
+        for stage in list(self._stages.values())[:freeze_depth]:
             stage.requires_grad_(False)
 
     def stages(self) -> "OrderedDict[str, nn.Module]":
         """``stem, layer1..layer4`` as modules (the stem is a view over the leading children)."""
+        return self._stages
+
+    def _read_stages(self) -> "OrderedDict[str, nn.Module]":
         stem: dict[str, nn.Module] = {}
         out: OrderedDict[str, nn.Module] = OrderedDict()
         for name, child in self.named_children():
@@ -102,12 +106,12 @@ class Backbone(nn.Module):
     def train(self, mode: bool = True) -> "Backbone":
         super().train(mode)
         # frozen stages keep their BatchNorm running statistics: eval mode whatever the caller says
-        for stage in list(self.stages().values())[: self.freeze_depth]:
+        for stage in list(self._stages.values())[: self.freeze_depth]:
             stage.eval()
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        for index, stage in enumerate(self.stages().values()):
+        for index, stage in enumerate(self._stages.values()):
             modules = stage.values() if isinstance(stage, nn.ModuleDict) else [stage]
             # nothing before a frozen stage is trainable, so no graph is needed through it
             with torch.set_grad_enabled(torch.is_grad_enabled() and index >= self.freeze_depth):
@@ -122,22 +126,12 @@ def build_backbone(cfg: Any, with_weights: bool = True) -> Backbone:
     ``with_weights=False`` stops before any file or download is read, so a caller can size what
     follows from ``out_channels`` and fail early; ``load_weights`` finishes the job.
     """
-    _check(cfg)
     arch = str(cfg.name)
     # zero-initialised last BN of each residual block: a random-init trunk starts as a shallow
     # network with well-scaled outputs (Goyal et al. 2017); loaded weights overwrite it anyway
     resnet = torchvision.models.get_model(arch, weights=None, zero_init_residual=True)
     backbone = Backbone(resnet, arch, freeze_depth=int(cfg.freeze_depth))
     return load_weights(backbone, cfg.weights) if with_weights else backbone
-
-
-def _check(cfg: Any) -> None:
-    """The same sentences as ``capsexp.config.validate``, for callers that skip it."""
-    name_check: Check = ("backbone.name", choice(*BACKBONES), one_of(BACKBONES))
-    for key, ok, allowed in [name_check, *CHECKS, *OPTION_CHECKS.get(str(cfg.name), [])]:
-        value = cfg.get(key.split(".", 1)[1])
-        if not ok(value):
-            raise UserError(f"{key}={value!r} is not allowed; it must be {allowed}.")
 
 
 def load_weights(backbone: Backbone, weights: str | None) -> Backbone:
