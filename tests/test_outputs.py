@@ -221,7 +221,9 @@ def test_report_figure_shows_chance_on_a_zero_to_one_axis(two_runs: Path) -> Non
         assert metrics["num_classes"] == 8 and metrics["val_images"] == 8  # 8 val images / 1 batch of 8
     runs = [read_run(path, two_runs) for path in find_runs(two_runs)]
     figure = report_figure(runs, build_rows(runs)[1])
-    accuracy = figure.axes[1]
+    (accuracy,) = [ax for ax in figure.axes if ax.get_title() == "validation accuracy"]
+    titles = {ax.get_title().split(" per stage")[0] for ax in figure.axes}
+    assert {"median gradient norm", "median update/weight", "drift"} <= titles  # one panel each
     assert accuracy.get_ylim() == (0.0, 1.0)
     chance = [line for line in accuracy.get_lines() if line.get_label().startswith("chance")]
     assert len(chance) == 1 and list(chance[0].get_ydata()) == pytest.approx([1 / 8, 1 / 8])

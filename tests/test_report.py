@@ -184,8 +184,9 @@ def test_report_files_are_safe_to_open(tmp_path: Path) -> None:
 
     markdown = (root / "report.md").read_text()
     lines = markdown.splitlines()
-    table_lines = [line for line in lines if line.startswith("|")]
-    assert len(table_lines) == 4  # header, rule, two runs: no value broke a row
+    first = lines.index(next(line for line in lines if line.startswith("|")))
+    table_lines = [line for line in lines[first:first + 5] if line.startswith("|")]
+    assert len(table_lines) == 4  # the runs table: header, rule, two runs; no value broke a row
     pipes = {len(re.findall(r"(?<!\\)\|", line)) for line in table_lines}
     assert len(pipes) == 1  # the same number of columns in every row
     assert "<img" not in markdown and "&lt;img src=x onerror=alert(1)&gt;" in markdown
@@ -193,3 +194,27 @@ def test_report_files_are_safe_to_open(tmp_path: Path) -> None:
     assert "calc'!A0" in markdown and "\\|' /C calc" in markdown
     alarm_lines = [line for line in lines if line.startswith("- alarm in ")]
     assert len(alarm_lines) == 1 and alarm_lines[0].endswith("\\| cell # injected heading")  # one line
+
+
+def test_learning_measures_and_the_seed_spread_are_tabled() -> None:
+    def run(name: str, seed: int, acc: float, stem_update: float) -> Run:
+        metrics = {"status": "completed", "steps": 60, "best/val/acc": acc, "val/acc": acc, "num_classes": 8,
+                   "grad_norm/stem": 1.0, "grad_norm/head": 2.0, "update_to_weight/stem": stem_update,
+                   "update_to_weight/head": 0.01, "drift/stem": 0.99, "drift/head": 0.2,
+                   "alarm/exploding": "exploding: grad_norm/stem jumped" if seed else None}
+        scalars = {"capsule/coupling_entropy/iter1": [(5, 2.0794)], "capsule/coupling_entropy/iter3": [(5, 1.5)]}
+        return fake_run(name, {"head": "capsule", "seed": str(seed)}, {"head.name": "capsule", "seed": seed},
+                        metrics, scalars)
+
+    _, rows = build_rows([run("a", 0, 0.5, 1e-4), run("b", 1, 0.7, 3e-4)])
+    assert rows[0]["update_to_weight/stem"] == 1e-4 and rows[1]["drift/head"] == 0.2
+    assert rows[1]["alarms"] == "exploding" and rows[0]["alarms"] == ""
+    assert rows[0]["entropy/iter3"] == 1.5 and rows[0]["entropy/uniform"] == pytest.approx(math.log(8))
+    from capsexp.report.table import format_tables, seed_groups
+
+    (group,) = seed_groups(rows)
+    assert group["best_val_acc"] == pytest.approx(0.6) and group["spread/best_val_acc"] == pytest.approx(0.2)
+    assert group["update_to_weight/stem"] == pytest.approx(2e-4)
+    text = format_tables(rows)
+    for title in ("median update/weight per stage", "drift per stage", "coupling entropy", "over seeds"):
+        assert title in text
