@@ -128,8 +128,8 @@ def test_two_processes_train_like_one_with_twice_the_batch(head: str, tmp_path: 
     try:
         single = train(single_cfg, run_dir=single_dir)
         # the planted fault: every update 1% too large
-        train(make_cfg(*COMMON, *CASES[head], f"data.batch_size={2 * BATCH}",
-                       f"optim.lr={float(single_cfg.optim.lr) * 1.01}"), run_dir=faulty_dir)
+        faulty_metrics = train(make_cfg(*COMMON, *CASES[head], f"data.batch_size={2 * BATCH}",
+                                        f"optim.lr={float(single_cfg.optim.lr) * 1.01}"), run_dir=faulty_dir)
         init = initial_weights(single_cfg)
     finally:
         torch.set_num_threads(threads)
@@ -140,6 +140,13 @@ def test_two_processes_train_like_one_with_twice_the_batch(head: str, tmp_path: 
     assert stats and ddp["steps"] == single["steps"] == 6
     for key in stats:
         assert ddp[key] == pytest.approx(single[key], rel=1e-4), key
+    # the update ratios too: rank 0 measures the step every rank took (the same all-reduced update)
+    updates = [k for k in single if k.startswith("update_to_weight/")]
+    assert updates and {k for k in ddp if k.startswith("update_to_weight/")} == set(updates)
+    for key in updates:
+        assert ddp[key] == pytest.approx(single[key], rel=1e-3), key
+    # and that bound tells a 1% larger step apart
+    assert faulty_metrics["update_to_weight/head"] != pytest.approx(single["update_to_weight/head"], rel=1e-3)
     # validation over both ranks' unequal shards is validation over the whole set
     for key in ("val/acc", "val/loss", "best/val/acc"):
         assert ddp[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key

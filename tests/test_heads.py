@@ -76,3 +76,15 @@ def test_224px_batch2_capsule_without_adapter_fits_on_cpu() -> None:
     # one W_ij per input capsule of the 7x7 map (the no-copy check: test_capsule_head.py)
     weights = [p for n, p in head.named_parameters() if n.startswith("class_caps")]
     assert weights[0].shape[0] == 32 * 7 * 7 and weights[0].ndim == 4
+
+
+def test_the_pool_adapter_cuts_the_input_capsules_to_its_map() -> None:
+    torch.manual_seed(0)
+    objective = _objective("head=capsule", "adapter=pool", "adapter.size=2", "data.image_size=128")
+    head = objective.model.head
+    assert head.primary.num_capsules == 2 * 2 * 32  # a 4x4 map pooled to 2x2, 32 capsule types
+    features = torch.randn(2, 2048, 4, 4)
+    pooled = objective.model.adapter(features)
+    torch.testing.assert_close(pooled[:, :, 0, 0], features[:, :, :2, :2].mean(dim=(2, 3)))
+    value, scores, _, _ = objective(torch.randn(2, 3, 128, 128), torch.tensor([0, 1]), 0.0)
+    assert scores.shape == (2, 5) and torch.isfinite(value)

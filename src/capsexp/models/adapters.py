@@ -23,6 +23,7 @@ OPTION_CHECKS: dict[str, list[Check]] = {
     "conv": [_WIDTH, ("adapter.norm", choice(*NORMS), one_of(NORMS)), _ACTIVATION,
              ("adapter.conv3x3", boolean, "true or false")],
     "linear": [_WIDTH, _ACTIVATION],
+    "pool": [("adapter.size", integer(1), "a positive integer (the side of the pooled map)")],
 }
 
 
@@ -85,11 +86,28 @@ class LinearAdapter(Adapter):
         return y[:, :, None, None]
 
 
+class PoolAdapter(Adapter):
+    """Average pooling of the map to ``size x size`` (no parameters): fewer positions, so fewer
+    primary capsules, with the backbone's channels untouched; a map already that small is kept."""
+
+    def __init__(self, in_channels: int, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.out_channels = in_channels
+
+    def out_size(self, size: int) -> int:
+        return min(size, self.size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.adaptive_avg_pool2d(x, self.out_size(x.shape[-1]))
+
+
 # the options of the ``adapter`` group: name -> builder from (group config, input channels)
 ADAPTERS: dict[str, Callable[[Any, int], Adapter]] = {
     "none": lambda cfg, c: IdentityAdapter(c),
     "conv": lambda cfg, c: ConvAdapter(c, int(cfg.width), cfg.norm, cfg.activation, bool(cfg.conv3x3)),
     "linear": lambda cfg, c: LinearAdapter(c, int(cfg.width), cfg.activation),
+    "pool": lambda cfg, c: PoolAdapter(c, int(cfg.size)),
 }
 
 
