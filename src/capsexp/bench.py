@@ -184,7 +184,8 @@ def device_name(rt: Runtime) -> str:
         lines = []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                  platform.processor() or platform.machine())
-    return f"{model} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{model} ({threads} thread{'s' if threads != 1 else ''})"
 
 
 def _batches(cfg: DictConfig, classes: int, rt: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -363,13 +364,12 @@ def _time_rows(rows: list[Row], variants: list[DictConfig], rt: Runtime, classes
 
 def _warn_interval(cfg: DictConfig, rows: list[Row]) -> None:
     every, figures = int(cfg.grads.log_every_n_steps), int(cfg.grads.figure_every_n_steps)
-    if not cfg.grads.enabled or not any(r.grads == "default" for r in rows):
-        return
-    if int(cfg.bench.steps) < every:
+    default = cfg.grads.enabled and any(r.grads == "default" for r in rows)
+    if default and int(cfg.bench.steps) < every:
         print(f"capsexp: note: bench.steps={cfg.bench.steps} is below grads.log_every_n_steps={every}, so "
               f"rows with the default diagnostics interval time no diagnostics step; use a multiple of "
               f"{every} to count them at their share.", flush=True)
-    elif 0 < figures and int(cfg.bench.warmup_steps) + int(cfg.bench.steps) < figures:
+    elif default and 0 < figures and int(cfg.bench.warmup_steps) + int(cfg.bench.steps) < figures:
         print(f"capsexp: note: the rows time no gradient figure (grads.figure_every_n_steps={figures}); "
               f"bench.steps={figures} counts one at its share.", flush=True)
 

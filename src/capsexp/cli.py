@@ -7,6 +7,7 @@ a thin wrapper: all the work happens in functions tests call directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable, NoReturn
@@ -22,6 +23,7 @@ from capsexp.arguments import distributed_overrides, hydra_argv, strip_command_f
 from capsexp.errors import UserError, user_error_in
 from capsexp.groups import CONFIG_NAMES
 from capsexp.overrides_check import check_command_line
+from capsexp.runlock import hold_run_folder
 
 USAGE = """usage: capsexp <command> [options]
 
@@ -108,11 +110,19 @@ def _report(argv: list[str]) -> None:
 
 
 def _run_app(command: str, args: list[str]) -> None:
-    """Check the command line, then hand Hydra (which parses ``sys.argv`` itself) its arguments."""
+    """Check the command line, lock the run folder it names, then hand Hydra (which parses
+    ``sys.argv`` itself) its arguments: a second run into a folder in use stops before Hydra
+    rewrites that folder's ``.hydra/`` record."""
+    from capsexp.resume import NothingToDo
+
+    folder = None
     try:
-        check_command_line(command, args)
+        folder = check_command_line(command, args)
     except UserError as exc:
         _fail_plain(str(exc))
+    except NothingToDo as done:  # a complete run resumed: say so, change nothing
+        print(done, flush=True)
+        sys.exit(0)
     except Exception:  # noqa: BLE001 -- what the check cannot judge, Hydra reports itself below
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -122,7 +132,13 @@ def _run_app(command: str, args: list[str]) -> None:
         _fail_plain(str(exc))
     sweeps.pass_command_line(args)  # read back by capsexp_sweep_subdir, in every job's process
     sys.argv = [sys.argv[0], *hydra_argv(args), *extra]
-    COMMANDS[command]()
+    with contextlib.ExitStack() as held:
+        if folder is not None:
+            try:
+                held.enter_context(hold_run_folder(folder))
+            except UserError as exc:
+                _fail_plain(str(exc))
+        COMMANDS[command]()
 
 
 def main() -> None:

@@ -11,10 +11,11 @@ from types import ModuleType
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
-from capsexp import data, diagnostics, engine, losses, optim, runtime
+from capsexp import data, diagnostics, engine, fits, losses, optim, runtime
 from capsexp.checks import Check, one_of
-from capsexp.errors import UserError
+from capsexp.errors import UserError, user_error_in
 from capsexp.models import HEADS, adapters, backbone
 from capsexp.sweeps import LABEL_ALLOWED, valid_label
 
@@ -29,7 +30,12 @@ OPTION_SOURCES: dict[str, tuple[ModuleType | None, dict[str, Any]]] = {
     "optim": (optim, optim.OPTIMIZERS),
 }
 # modules whose checks hold whatever option is chosen, in the order a user reads the config
-SOURCES: tuple[ModuleType, ...] = (engine, backbone, data, optim, runtime, diagnostics, losses, adapters)
+SOURCES: tuple[ModuleType, ...] = (engine, backbone, data, optim, runtime, diagnostics, losses, adapters, fits)
+
+
+class Unresolved(UserError):
+    """A value whose interpolation cannot be resolved here (e.g. an unset environment variable).
+    The command-line check leaves it to the job, whose launcher may set what it refers to."""
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -69,11 +75,27 @@ def checks_for(cfg: DictConfig) -> list[Check]:
     return checks + _option_checks(cfg)
 
 
+def _resolve_all(cfg: DictConfig) -> None:
+    """Every interpolation resolves, or one sentence names the key whose value does not."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as exc:
+        cause = user_error_in(exc)  # a preset's required value (capsexp_required) says itself what is wrong
+        if cause is not None:
+            raise cause from None
+        key = str(getattr(exc, "full_key", "") or "a value")
+        raw = flatten(OmegaConf.to_container(cfg, resolve=False)).get(key)
+        reason = str(exc).splitlines()[0].split("resolving interpolation: ", 1)[-1].strip('"')
+        raise Unresolved(f"{key}={raw!r} cannot be resolved ({reason}); set what it refers to, or pass "
+                         f"a plain value.") from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ``UserError`` on the first value that is wrong, with the key, the value and what is allowed."""
     missing = [k for k in GROUPS if k not in cfg]
     if missing:
         raise UserError(f"the config has no '{missing[0]}' group; compose it from capsexp's conf/ folder.")
+    _resolve_all(cfg)
     for key, ok, allowed in checks_for(cfg):
         value = _get(cfg, key)
         if value == "<absent>":

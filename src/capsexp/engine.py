@@ -280,8 +280,8 @@ def _guarded_update(loop: Loop, state: TrainState, loss: Tensor, total_norm: Ten
         if loop.scaler.get_scale() < MIN_LOSS_SCALE:
             raise StopTraining(
                 f"the fp16 loss scale fell below {MIN_LOSS_SCALE:g} at step {state.step + 1}: the gradients "
-                f"are not finite at any scale. Stopped with the last good checkpoint kept; use "
-                f"trainer.precision=bf16 or fp32, lower optim.lr, or set trainer.grad_clip.", exit_code=3)
+                f"are not finite at any scale; resume with trainer.precision=bf16 or fp32, or start a new "
+                f"run with a lower optim.lr or trainer.grad_clip set.", exit_code=3)
         return False
     if loss_bad or grad_bad:
         _on_nonfinite(loop, state, loss_bad)
@@ -333,9 +333,9 @@ def _on_nonfinite(loop: Loop, state: TrainState, loss_bad: bool) -> None:
               f"({state.skipped_steps} so far).", file=sys.stderr, flush=True)
         return
     raise StopTraining(
-        f"non-finite {what} at step {step}; first stage with non-finite gradients: {stage}. "
-        f"Stopped with the last good checkpoint kept; lower optim.lr, set trainer.grad_clip, "
-        f"or use trainer.on_nonfinite=skip.", exit_code=3)
+        f"non-finite {what} at step {step}; first stage with non-finite gradients: {stage}. Start a new run "
+        f"with a lower optim.lr or trainer.grad_clip set, or resume with trainer.on_nonfinite=skip.",
+        exit_code=3)
 
 
 def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int) -> EpochStats:

@@ -13,6 +13,9 @@ from typing import Any, Iterable, Mapping
 COMPARED = ("head.name", "adapter.name", "loss.name", "head.routing.iterations", "head.routing.detach",
             "backbone.freeze_depth", "optim.name", "optim.lr", "data.image_size", "backbone.name",
             "backbone.weights", "seed")
+# marked as differing, so TensorBoard lists them first and shows them without a click (its table
+# shows the first few hyperparameters only); a sweep's own keys are marked too
+MARKED = ("head.name", "adapter.name", "head.routing.iterations")
 LEFT_OUT = ("hydra", "bench", "trainer.resume", "trainer.progress", "trainer.device", "data.root",
             "data.num_workers", "data.download")
 

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from capsexp.arguments import KNOWN_FLAGS, NO_CHECK_FLAGS, is_hydra_key, split_arguments
 from capsexp.errors import UserError, user_error_in
 from capsexp.groups import CONFIG_NAMES, command_of_group, config_groups, group_option, group_options
-from capsexp.rundir import refuse_taken_folder
 
 # Hydra runs one of these modes per command
 MODES = {"-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
@@ -96,10 +96,12 @@ def _compose(command: str, overrides: list[str], with_hydra: bool = False) -> Di
 def _validate(cfg: DictConfig) -> None:
     """``config.validate``; what only the job can resolve (``${hydra:...}``, an environment
     variable set by the launcher) is left to the job."""
-    from capsexp.config import validate
+    from capsexp.config import Unresolved, validate
 
     try:
         validate(cfg)
+    except Unresolved:  # e.g. a variable the launcher sets inside the job: the job checks itself
+        return
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 -- an interpolation this process cannot resolve
@@ -154,13 +156,14 @@ def _parse(items: Sequence[str]) -> list[Any]:
     return parsed
 
 
-def check_command_line(command: str, args: Sequence[str]) -> None:
+def check_command_line(command: str, args: Sequence[str]) -> Path | None:
     """Raise UserError (one sentence) for a command line Hydra would reject or a job would fail on.
 
     ``command`` is ``train`` or ``bench``; ``args`` follow it. Under ``-m`` each swept value is
     composed and validated with the other swept keys at their first value, so a bad value fails the
     sweep before its first job runs. A run folder that already holds a run is refused here, before
-    Hydra rewrites its ``.hydra/`` record.
+    Hydra rewrites its ``.hydra/`` record. Returns that folder when the command line names it
+    (``hydra.run.dir=<path>`` of a single train run), so it can be locked before Hydra writes there.
     """
     from hydra import initialize_config_module
 
@@ -171,11 +174,11 @@ def check_command_line(command: str, args: Sequence[str]) -> None:
         raise UserError(f"{' and '.join(modes)} cannot be combined; Hydra runs one of -m, --cfg, --info, "
                         f"--run and --shell-completion per command.")
     if flags & NO_CHECK_FLAGS or flags - KNOWN_FLAGS:  # an abbreviation like --multi: Hydra decides
-        return
+        return None
     parsed = _parse(items)
     hydra_keys = {o.key_or_group: o for o in parsed if is_hydra_key(o.key_or_group)}
     if "hydra.searchpath" in hydra_keys:  # configs from elsewhere: only Hydra can compose them
-        return
+        return None
     mode = hydra_keys.get("hydra.mode")
     multirun = bool(flags & {"-m", "--multirun"}) or (mode is not None and str(mode.value()) == "MULTIRUN")
     plain = [o for o in parsed if not is_hydra_key(o.key_or_group)]
@@ -186,16 +189,16 @@ def check_command_line(command: str, args: Sequence[str]) -> None:
     fixed = [o.input_line for o in plain if not o.is_sweep_override()]
     choices = _choices(sweeps)
     if choices is None:  # the jobs cannot be listed here: each checks itself when it runs
-        return
+        return None
     printing = bool(flags & {"-c", "--cfg"})  # --cfg shows the config, whatever its values
     with initialize_config_module(config_module="capsexp.conf", version_base="1.3"):
         if multirun:
             preset = _preset_choices(command, parsed, fixed)
             if preset is None:
-                return
+                return None
             choices += preset
         folder = parsed if command == "train" and not multirun and not printing else None
-        _check_jobs(command, fixed, choices, validate=not printing, folder_of=folder)
+        return _check_jobs(command, fixed, choices, validate=not printing, folder_of=folder)
 
 
 def _preset_choices(command: str, parsed: list[Any], fixed: list[str]) -> list[list[str]] | None:
@@ -216,9 +219,11 @@ def _preset_choices(command: str, parsed: list[Any], fixed: list[str]) -> list[l
 
 
 def _check_jobs(command: str, fixed: list[str], choices: list[list[str]], validate: bool,
-                folder_of: list[Any] | None) -> None:
+                folder_of: list[Any] | None) -> Path | None:
     """Compose (and validate) the first job and each other value of every swept key; with
-    ``folder_of`` (the overrides of a single run), refuse a run folder that is taken."""
+    ``folder_of`` (the overrides of a single run), refuse a run folder that is taken and
+    return it."""
+    folder = None
     first = [values[0] for values in choices]
     jobs = itertools.chain([first], (first[:k] + [v] + first[k + 1:]
                                      for k, values in enumerate(choices) for v in values[1:]))
@@ -231,11 +236,22 @@ def _check_jobs(command: str, fixed: list[str], choices: list[list[str]], valida
             where = f"in the job with {', '.join(swept)}: " if swept else ""
             raise UserError(f"{where}{exc}") from None
         if swept is first and folder_of is not None:
-            _check_run_folder(folder_of, cfg)
+            folder = _check_run_folder(folder_of, cfg)
+    return folder
 
 
-def _check_run_folder(parsed: list[Any], cfg: DictConfig) -> None:
+def _check_run_folder(parsed: list[Any], cfg: DictConfig) -> Path | None:
+    """The taken-folder and resume rules (``capsexp.resume``), before Hydra writes into the folder;
+    raises ``NothingToDo`` for a complete run. Returns the folder where the command line names it."""
+    from capsexp.resume import open_resume
+
     given = [o.value() for o in parsed if o.key_or_group == "hydra.run.dir"]
-    resume = OmegaConf.select(cfg, "trainer.resume", default=None, throw_on_resolution_failure=False)
-    if given and isinstance(given[-1], str) and "${" not in given[-1] and resume is None:
-        refuse_taken_folder(Path(given[-1]))
+    # else the folder is Hydra's to name (a timestamp): the run checks and locks it itself
+    folder = Path(given[-1]) if given and isinstance(given[-1], str) and "${" not in given[-1] else None
+    try:
+        open_resume(cfg, folder, lazy=True)
+    except UserError:
+        raise
+    except InterpolationResolutionError:  # a value only the job can resolve: the job checks itself
+        pass
+    return folder

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from capsexp import __version__
-from capsexp.errors import UserError
+from capsexp.errors import UserError, disk_error
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
@@ -50,20 +50,37 @@ def refuse_taken_folder(run_dir: Path) -> None:
 
 def write_run_record(run_dir: Path, cfg: DictConfig) -> str:
     """Create the folder and write ``config.yaml`` and ``environment.json``; return the resolved YAML."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    (run_dir / CONFIG_FILE).write_text(resolved)
-    (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(environment(), indent=2) + "\n")
+    path = run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for path, text in ((run_dir / CONFIG_FILE, resolved),
+                           (run_dir / ENVIRONMENT_FILE, json.dumps(environment(), indent=2) + "\n")):
+            _replace(path, text)
+    except OSError as exc:
+        raise disk_error(path, exc) or exc from None
     return resolved
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` in one step (a temporary, then a rename): a full disk leaves the old file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
     """``metrics.json``, replaced in one step: a reader (``capsexp report``) never sees half a file."""
-    tmp = run_dir / f".{METRICS_FILE}.tmp"
     # strict JSON: a value never measured (throughput of a run shorter than its warm-up) is null
     on_disk = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
-    tmp.write_text(json.dumps(on_disk, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, run_dir / METRICS_FILE)
+    try:
+        _replace(run_dir / METRICS_FILE, json.dumps(on_disk, indent=2, allow_nan=False) + "\n")
+    except OSError as exc:
+        raise disk_error(run_dir / METRICS_FILE, exc, "the checkpoints are intact") or exc from None
     return run_dir / METRICS_FILE
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,60 +14,49 @@ from torch.utils.data import DataLoader
 
 from capsexp.checkpoint import link_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
 from capsexp.config import flatten, validate
-from capsexp.data import build_datasets, build_loaders
+from capsexp.data import bad_image_count, build_datasets, build_loaders
 from capsexp.drift import probe_images
 from capsexp.assembly import build_loop, seed_everything
 from capsexp.engine import EpochStats, Loop, StopTraining, TrainState, evaluate, train_one_epoch
 from capsexp.errors import UserError
+from capsexp.finite import first_nonfinite
 from capsexp.progress import progress_lines
-from capsexp.hparams import COMPARED, compared_hparams
+from capsexp.hparams import MARKED, compared_hparams
 from capsexp.summary import ALARMS, print_summary, summary_metrics
 from capsexp.sweeps import swept_keys_of_this_job
-from capsexp.rundir import environment, output_dir, refuse_taken_folder, shown, write_metrics, write_run_record
-from capsexp.runtime import Runtime, barrier, setup_runtime, teardown
-
-
-def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
-    resume = cfg.trainer.resume
-    if resume is None:
-        refuse_taken_folder(run_dir)
-        return None
-    if str(resume) == "auto":
-        return newest_checkpoint(run_dir)  # nothing yet: a fresh start (pre-emptible jobs rerun as is)
-    return Path(str(resume))
-
-
-def _check_compatible(ckpt: dict[str, Any], cfg: DictConfig, num_classes: int) -> None:
-    old = ckpt.get("config", {})
-    for key in ("head.name", "adapter.name"):
-        group, name = key.split(".")
-        before = old.get(group, {}).get(name)
-        if before != cfg[group][name]:
-            raise UserError(f"trainer.resume: the checkpoint was made with {key}={before}, "
-                            f"this run has {key}={cfg[group][name]}; resume with the same {group}.")
-    if ckpt.get("num_classes") != num_classes:
-        raise UserError(f"trainer.resume: the checkpoint has {ckpt.get('num_classes')} classes, "
-                        f"data.name={cfg.data.name} has {num_classes}.")
+from capsexp.resume import NothingToDo, check_classes, open_resume
+from capsexp.rundir import environment, output_dir, shown, write_metrics, write_run_record
+from capsexp.runlock import hold_run_folder
+from capsexp.runtime import Runtime, all_reduce, barrier, setup_runtime, teardown
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Run one experiment into ``run_dir`` (the Hydra output folder by default); return its metrics."""
+    """Run one experiment into ``run_dir`` (the Hydra output folder by default); return its metrics.
+
+    The folder is locked for the whole run (one run per folder, ``capsexp.runlock``); a resume
+    follows ``capsexp.resume``'s rule, and a complete run is not run again (its metrics returned).
+    """
     validate(cfg)  # every value checked before data or weights are touched
     run_dir = Path(run_dir) if run_dir is not None else output_dir()
-    resume = _resume_path(cfg, run_dir)
-    ckpt = load_checkpoint(resume) if resume is not None else None
-    seed_everything(int(cfg.seed))
-    rt = setup_runtime(cfg.trainer)
-    try:
-        return _fit(cfg, run_dir, rt, ckpt)
-    finally:
-        teardown(rt)
+    with hold_run_folder(run_dir):
+        try:
+            ckpt = open_resume(cfg, run_dir)
+        except NothingToDo as done:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(done, flush=True)
+            return done.metrics
+        seed_everything(int(cfg.seed))
+        rt = setup_runtime(cfg.trainer)
+        try:
+            return _fit(cfg, run_dir, rt, ckpt)
+        finally:
+            teardown(rt)
 
 
 def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | None) -> dict[str, Any]:
     train_ds, val_ds, num_classes = build_datasets(cfg.data, seed=int(cfg.seed))
     if ckpt is not None:
-        _check_compatible(ckpt, cfg, num_classes)
+        check_classes(ckpt, cfg, num_classes)
     train_loader, val_loader = build_loaders(cfg.data, train_ds, val_ds, seed=int(cfg.seed),
                                              pin_memory=rt.device.type == "cuda", rank=rt.rank,
                                              world_size=rt.world_size)
@@ -94,9 +85,9 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     except BaseException:  # out of memory, a second Ctrl-C, a bug: what was logged reaches the disk
         loop.logger.close()
         raise
-    metrics = _finish(cfg, run_dir, loop, state, metrics, stop, _data_facts(cfg, val_ds, num_classes, rt))
+    metrics = _finish(cfg, run_dir, loop, state, metrics, stop, _data_facts(cfg, train_ds, val_ds, num_classes, rt))
     if stop is not None:
-        raise stop
+        raise _with_kept(stop, cfg, run_dir)
     return metrics
 
 
@@ -112,22 +103,16 @@ def _epochs(cfg: DictConfig, loop: Loop, state: TrainState, train_loader: DataLo
         except StopTraining as exc:  # weights may be poisoned: keep the last good checkpoint as it is
             return val, exc
         if loop.stop:
-            keep = str(cfg.trainer.checkpoints) != "none"
-            path = _save(loop, state, cfg, run_dir, num_classes, "last.pt") if keep else None
-            # every rank stopped after this same step; none exits (and makes torchrun end the
-            # others) before rank 0 has written the checkpoint
-            barrier(loop.rt)
-            return val, StopTraining(
-                f"interrupted at step {state.step}; checkpoint saved to {path}. Continue with "
-                f"trainer.resume={path} (or trainer.resume=auto in the same run folder)." if keep else
-                f"interrupted at step {state.step}; trainer.checkpoints=none, so nothing was saved and "
-                f"this run cannot be resumed.", exit_code=130)
+            return val, _poisoned(loop, state, None) or _interrupted(cfg, loop, state, run_dir, num_classes)
         if state.batch_in_epoch >= batches:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         limit = cfg.trainer.limit_val_batches
         val = evaluate(loop.evaluator, val_loader, loop.rt, None if limit is None else int(limit),
                        loop.show_progress)
         loop.logger.scalars(val | _throughput(state), state.step)
+        poisoned = _poisoned(loop, state, val)  # before anything is saved
+        if poisoned is not None:
+            return val, poisoned
         if loop.monitor is not None:
             loop.monitor.on_validation(state.step, loop.model, loop.rt)
         improved = val["val/acc"] > state.best_val_acc
@@ -139,13 +124,59 @@ def _epochs(cfg: DictConfig, loop: Loop, state: TrainState, train_loader: DataLo
     return val, None
 
 
-def _data_facts(cfg: DictConfig, val_ds: Any, num_classes: int, rt: Runtime) -> dict[str, int]:
+def _interrupted(cfg: DictConfig, loop: Loop, state: TrainState, run_dir: Path, num_classes: int) -> StopTraining:
+    """A signal: save ``last.pt`` (unless trainer.checkpoints=none) and say how to continue."""
+    keep = str(cfg.trainer.checkpoints) != "none"
+    path = _save(loop, state, cfg, run_dir, num_classes, "last.pt") if keep else None
+    # every rank stopped after this same step; none exits (and makes torchrun end the
+    # others) before rank 0 has written the checkpoint
+    barrier(loop.rt)
+    return StopTraining(
+        f"interrupted at step {state.step}; checkpoint saved to {path}. Continue with "
+        f"trainer.resume={path} (or trainer.resume=auto in the same run folder)." if keep else
+        f"interrupted at step {state.step}; trainer.checkpoints=none, so nothing was saved and "
+        f"this run cannot be resumed.", exit_code=130)
+
+
+def _poisoned(loop: Loop, state: TrainState, val: dict[str, float] | None) -> StopTraining | None:
+    """Non-finite weights, buffers (BatchNorm's running statistics), optimizer state or
+    validation loss: the run stops, whatever trainer.on_nonfinite says (there is no update left
+    to skip: the model itself is no longer finite), and nothing is saved."""
+    bad = first_nonfinite(loop.model, loop.optimizer, loop.rt)
+    loss = None if val is None else val.get("val/loss")
+    if bad is None and (loss is None or math.isfinite(loss)):
+        return None
+    what = f"{bad} is not finite" if bad is not None else f"val/loss is {loss}"
+    return StopTraining(f"non-finite values after step {state.step}: {what}, so the model is poisoned and the run "
+                        f"stops (trainer.on_nonfinite=skip cannot skip this). Start a new run with a lower "
+                        f"optim.lr or trainer.grad_clip set.", exit_code=3)
+
+
+def _with_kept(stop: StopTraining, cfg: DictConfig, run_dir: Path) -> StopTraining:
+    """A non-finite stop's message, completed with what it kept: the newest checkpoint on disk
+    (every one written was checked finite), or nothing."""
+    if stop.exit_code == 130:  # an interrupt says itself what it saved
+        return stop
+    path = newest_checkpoint(run_dir)
+    if path is not None:
+        step = load_checkpoint(path, mmap=True).get("state", {}).get("step")
+        kept = f"the last good checkpoint, {shown(path)} (step {step}), is kept as it was"
+    elif str(cfg.trainer.checkpoints) == "none":
+        kept = "trainer.checkpoints=none, so no checkpoint was kept"
+    else:
+        kept = f"no checkpoint had been written in {shown(run_dir)} yet, so none was kept"
+    return StopTraining(f"{stop} Stopped; {kept}.", stop.exit_code)
+
+
+def _data_facts(cfg: DictConfig, train_ds: Any, val_ds: Any, num_classes: int, rt: Runtime) -> dict[str, int]:
     """What ``capsexp report`` needs to tell accuracy from chance: the class count and how many
-    validation images each evaluation sees."""
+    validation images each evaluation sees; and how many image files were skipped as unreadable
+    (``data.on_bad_image=skip``; under DDP the largest count of any process)."""
     limit = cfg.trainer.limit_val_batches
     images = len(val_ds) if limit is None else \
         min(len(val_ds), int(limit) * int(cfg.data.batch_size) * rt.world_size)
-    return {"num_classes": num_classes, "val_images": images}
+    bad = torch.tensor([float(bad_image_count(train_ds, val_ds))], device=rt.device)
+    return {"num_classes": num_classes, "val_images": images, "bad_images": int(all_reduce(bad, rt, "max").item())}
 
 
 def _keep(state: TrainState, stats: EpochStats) -> None:
@@ -234,7 +265,7 @@ def _finish(cfg: DictConfig, run_dir: Path, loop: Loop, state: TrainState, val: 
         return metrics
     swept = swept_keys_of_this_job()
     hparams = compared_hparams(flatten(OmegaConf.to_container(cfg, resolve=True)), swept)
-    loop.logger.hparams(hparams, [*COMPARED, *swept], summary_metrics(metrics), state.step)
+    loop.logger.hparams(hparams, [*MARKED, *swept], summary_metrics(metrics), state.step)
     loop.logger.close()
     write_metrics(run_dir, metrics)
     print_summary(cfg, metrics)
