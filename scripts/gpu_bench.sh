@@ -12,6 +12,8 @@
 #                                         "Training performance", mixed precision, 1 GPU)
 #   224 px batch 32, trainer.compile=true the same with torch.compile, fc + capsule-conv-r3
 # and writes every table, with the device named, to $OUT/summary.md (Markdown, ready for the README).
+# Every table also gives what drift/<stage> adds to a validation on the GPU (grads.drift.probe_images
+# probe images at that size), per model, in ms and in training steps.
 # WARMUP and STEPS set the untimed and timed steps per row (default 10 and 50).
 set -euo pipefail
 if [[ -n "${OUT:-}" ]]; then

@@ -227,7 +227,8 @@ def test_validation_under_ddp_measures_the_model_rank_0_saves(tmp_path: Path) ->
     from omegaconf import OmegaConf
 
     from capsexp.data import build_datasets, build_loaders
-    from capsexp.engine import Objective, evaluate
+    from capsexp.engine import evaluate
+    from capsexp.objective import Objective
     from capsexp.losses import build_loss
     from capsexp.models import build_model
     from capsexp.runtime import setup_runtime

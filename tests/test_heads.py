@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from capsexp.engine import Objective
+from capsexp.objective import Objective
 from capsexp.losses import build_loss
 from capsexp.models import build_model
 from conftest import make_cfg

@@ -14,7 +14,7 @@ import torch
 
 import capsexp.assembly as assembly
 from capsexp.checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from capsexp.engine import StopTraining
+from capsexp.loop import StopTraining
 from capsexp.errors import UserError
 from capsexp.train import train
 from conftest import TINY, make_cfg, run_cli
@@ -231,7 +231,7 @@ HYDRA_LEVEL_MISTAKES = [
     (["-m", "backbone.freeze_depth=0,9"], "in the job with backbone.freeze_depth=9: backbone.freeze_depth=9 is "
                                           "not allowed; it must be an integer from 0 to 5."),
     (["-m", "head=fc,capsule", "adapter=conv,bad"], "in the job with head=fc, adapter=bad: adapter=bad is not an "
-                                                    "option of adapter; choose from conv, linear, none."),
+                                                    "option of adapter; choose from conv, linear, none, pool."),
     (["-m", "head=glob(cap*)", "head.routing.detach=true,false", "head.routing.iterations=0"],
      "head.routing.iterations is not a key of this configuration; it exists only with head=capsule"),
     (["-m", "head=glob(cap*)", "head.routing.iterations=0,2"], "in the job with head=capsule, "

@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import capsexp.engine as engine
 from capsexp.errors import UserError
-from capsexp.runtime import _resolve_device, setup_runtime
+from capsexp.loop import Loop, StopTraining, TrainState
+from capsexp.runtime import resolve_device, setup_runtime
 from capsexp.train import train
 from conftest import make_cfg
 
@@ -86,7 +87,7 @@ def recording_step(monkeypatch: pytest.MonkeyPatch, log: list[dict[str, Any]]) -
     """Wrap ``engine.train_step`` (looked up by name in the epoch loop) to record each step."""
     real = engine.train_step
 
-    def step(loop: engine.Loop, images: torch.Tensor, targets: torch.Tensor, state: engine.TrainState) -> Any:
+    def step(loop: Loop, images: torch.Tensor, targets: torch.Tensor, state: TrainState) -> Any:
         reads = HostReads()
         with monkeypatch.context() as patch, reads:
             for name in ("tolist", "numpy"):
@@ -158,10 +159,10 @@ def test_fp16_on_cpu_is_one_clear_sentence(tmp_path: Path) -> None:
 
 def test_each_rank_gets_the_gpu_of_its_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert _resolve_device("auto", 1) == torch.device("cuda", 1)
-    assert _resolve_device("cuda", 1) == torch.device("cuda", 1)
-    assert _resolve_device("cuda:0", 1) == torch.device("cuda", 0)  # an explicit index wins
-    assert _resolve_device("cpu", 1) == torch.device("cpu")
+    assert resolve_device("auto", 1) == torch.device("cuda", 1)
+    assert resolve_device("cuda", 1) == torch.device("cuda", 1)
+    assert resolve_device("cuda:0", 1) == torch.device("cuda", 0)  # an explicit index wins
+    assert resolve_device("cpu", 1) == torch.device("cpu")
 
 
 def test_one_gpu_index_for_every_rank_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,7 +225,7 @@ def test_loader_workers_persist_across_epochs(tmp_path: Path) -> None:
     assert math.isfinite(metrics["train/loss"])
 
 
-def _scaled_loop(tmp_path: Path) -> engine.Loop:
+def _scaled_loop(tmp_path: Path) -> Loop:
     """A real loop with an enabled GradScaler: the fp16 update path, on the CPU."""
     from capsexp.assembly import build_loop
 
@@ -237,7 +238,7 @@ def _scaled_loop(tmp_path: Path) -> engine.Loop:
 
 def test_scaled_update_path_syncs_once_and_overflow_skips_update_and_schedule(tmp_path: Path) -> None:
     loop = _scaled_loop(tmp_path)
-    state = engine.TrainState()
+    state = TrainState()
     images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     weight = loop.model.head.fc.weight
 
@@ -275,15 +276,15 @@ def test_scaled_update_path_syncs_once_and_overflow_skips_update_and_schedule(tm
 def test_a_checkpoint_without_loss_scaling_resumes_under_a_scaler(tmp_path: Path) -> None:
     """fp32/bf16 checkpoints hold an empty scaler state; resuming them with fp16 starts a fresh scale."""
     from capsexp.checkpoint import load_checkpoint
-    from capsexp.train import _restore
+    from capsexp.train import restore
 
     train(make_cfg("head=fc", "backbone.freeze_depth=4", "trainer.max_steps=2", "grads.enabled=false",
                    "optim.warmup_steps=0"),
           run_dir=tmp_path / "run")
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ckpt["scaler"] == {}
-    loop, state = _scaled_loop(tmp_path), engine.TrainState()
-    _restore(ckpt, loop, state)
+    loop, state = _scaled_loop(tmp_path), TrainState()
+    restore(ckpt, loop, state)
     assert state.step == 2 and loop.scaler.get_scale() == 2.0**10
     assert torch.equal(loop.model.head.fc.weight, ckpt["model"]["head.fc.weight"])
 
@@ -292,11 +293,11 @@ def test_gradients_that_overflow_at_any_scale_stop_the_run(tmp_path: Path) -> No
     loop = _scaled_loop(tmp_path)
     loop.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**-12)
     loop.model.head.fc.weight.register_hook(lambda grad: grad * float("inf"))  # every step
-    state = engine.TrainState()
+    state = TrainState()
     images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     engine.train_step(loop, images, targets, state)  # 2^-12 -> 2^-13: still an overflow step
     state.step += 1
-    with pytest.raises(engine.StopTraining, match=r"fp16 loss scale fell below 0.0001 at step 2") as caught:
+    with pytest.raises(StopTraining, match=r"fp16 loss scale fell below 0.0001 at step 2") as caught:
         engine.train_step(loop, images, targets, state)  # 2^-14 < 1e-4
     assert caught.value.exit_code == 3 and state.skipped_steps == 2
 
@@ -318,6 +319,6 @@ def test_a_logging_step_reads_the_gradients_once_for_their_norms(tmp_path: Path,
         return real(tensors, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_foreach_norm", counting)
-    engine.train_step(loop, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), engine.TrainState())
+    engine.train_step(loop, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), TrainState())
     assert "grad_norm/head" in loop.monitor.summary()  # it was a logging step, statistics taken
     assert gradients == [len([p for p in loop.params if p.grad is not None])]

@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig
 
 from capsexp.diagnostics import GradientMonitor
-from capsexp.engine import Loop, Objective, StepConfig
+from capsexp.loop import Loop, StepConfig
+from capsexp.objective import Objective
 from capsexp.logger import RunLogger
 from capsexp.losses import build_loss
 from capsexp.models import build_model

@@ -28,7 +28,8 @@ from capsexp.assembly import build_loop, seed_everything
 from capsexp.checks import Check, boolean, integer
 from capsexp.config import validate
 from capsexp.diagnostics import GradientMonitor
-from capsexp.engine import Loop, TrainState, train_step
+from capsexp.engine import train_step
+from capsexp.loop import Loop, TrainState
 from capsexp.errors import UserError
 from capsexp.groups import group_option
 from capsexp.models.backbone import feature_size

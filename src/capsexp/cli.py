@@ -53,7 +53,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 
 def _guarded(work: Callable[[], object]) -> object:
-    from capsexp.engine import StopTraining
+    from capsexp.loop import StopTraining
 
     try:
         return work()

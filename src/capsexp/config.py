@@ -77,8 +77,8 @@ def checks_for(cfg: DictConfig) -> list[Check]:
 
 def _resolve_all(cfg: DictConfig) -> None:
     """Every interpolation resolves, or one sentence names the key whose value does not."""
-    try:
-        OmegaConf.to_container(cfg, resolve=True)
+    try:  # Hydra's own node resolves only inside a running job (hydra.job.num), and Hydra checks it itself
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     except InterpolationResolutionError as exc:
         cause = user_error_in(exc)  # a preset's required value (capsexp_required) says itself what is wrong
         if cause is not None:

@@ -1,8 +1,8 @@
 """One training step, one training epoch and one evaluation pass.
 
-The loop's contract is narrow and typed: ``Loop`` holds what a step needs, ``StepConfig`` the
-few trainer settings it reads, and ``Monitor``/``Logger`` are the two Protocols it talks to.
-Epochs and evaluations return their statistics; ``capsexp.train`` logs the epoch-level ones,
+The loop's contract (``capsexp.loop``) is narrow and typed: ``Loop`` holds what a step needs,
+``StepConfig`` the few trainer settings it reads, and ``Monitor``/``Logger`` are the two Protocols
+it talks to. Epochs and evaluations return their statistics; ``capsexp.train`` logs the epoch-level ones,
 saves and decides.
 """
 
@@ -11,20 +11,16 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Iterable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from capsexp.checks import Check, choice, integer, one_of, positive
 from capsexp.errors import UserError
-from capsexp.models import Classifier
-from capsexp.progress import ProgressLines
-from capsexp.runtime import Runtime, SignalGuard, all_reduce, all_reduce_mean, broadcast_buffers
+from capsexp.loop import EpochStats, Loop, StopTraining, TrainState
+from capsexp.runtime import Runtime, all_reduce, all_reduce_mean, broadcast_buffers
 
 NONFINITE_POLICIES = ("stop", "skip")
 CHECKPOINT_POLICIES = ("last", "last+best", "none")  # what train.py writes into checkpoints/
@@ -51,143 +47,6 @@ def cross_check(cfg: Any) -> None:
         raise UserError("trainer.max_epochs and trainer.max_steps are both null; set at least one.")
     if t.resume is not None and not isinstance(t.resume, str):
         raise UserError(f"trainer.resume={t.resume!r} is not allowed; it must be a checkpoint path, auto or null.")
-
-
-@dataclass(frozen=True)
-class StepConfig:
-    """The trainer settings a step and an epoch read (already validated)."""
-
-    grad_clip: float | None
-    on_nonfinite: str            # one of NONFINITE_POLICIES
-    log_every_n_steps: int
-    warmup_steps_excluded: int
-
-    @classmethod
-    def from_config(cls, trainer: Any) -> "StepConfig":
-        clip = trainer.grad_clip
-        return cls(None if clip is None else float(clip), str(trainer.on_nonfinite),
-                   int(trainer.log_every_n_steps), int(trainer.warmup_steps_excluded))
-
-
-class Logger(Protocol):
-    """Where the loop's values go (``capsexp.logger.RunLogger``; silent on non-main ranks)."""
-
-    def scalars(self, values: Mapping[str, float], step: int) -> None: ...
-    def text(self, tag: str, text: str, step: int) -> None: ...
-    def image(self, tag: str, image: np.ndarray | Tensor, step: int, dataformats: str = "CHW") -> None: ...
-    def close(self) -> None: ...
-
-
-class Monitor(Protocol):
-    """Per-step diagnostics (``capsexp.diagnostics.GradientMonitor``); does work only at its intervals.
-
-    ``step`` counts optimizer steps including the current one (the TensorBoard x-axis).
-    """
-
-    def before_forward(self, step: int) -> None: ...
-    def after_backward(self, step: int, grad_norms: dict[int, Tensor], total_norm: Tensor,
-                       telemetry: dict[str, Tensor], visuals: dict[str, Tensor]) -> None: ...
-    def after_update(self, step: int, updated: bool) -> None: ...
-
-
-class Objective(nn.Module):
-    """Model plus loss in one module, so DDP sees every parameter the loss uses.
-
-    The head's auxiliary loss (reconstruction) and a learned loss scale take part in the
-    forward pass here; wrapping only the classifier would leave them outside DDP's reducer.
-    Returns ``(loss, scores, telemetry, visuals)``: the head's telemetry (detached 0-d tensors)
-    and what its auxiliary loss wants shown, all values of this forward.
-    """
-
-    def __init__(self, model: Classifier, criterion: nn.Module, aux_weight: float) -> None:
-        super().__init__()
-        self.model = model
-        self.criterion = criterion
-        self.aux_weight = aux_weight
-
-    def forward(self, images: Tensor, targets: Tensor, progress: float | Tensor
-                ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """``progress`` (fraction of training done) may be a 0-d CPU tensor: see ``train_step``."""
-        out = self.model(images)
-        # losses in fp32 whatever the autocast dtype: capsule lengths and margins are small numbers
-        loss = self._loss(out.scores.float(), targets, progress)
-        visuals: dict[str, Tensor] = {}
-        aux = self.model.head.auxiliary_loss(out, images, targets) if self.aux_weight > 0 else None
-        if aux is not None:
-            loss = loss + self.aux_weight * aux[0].float()
-            visuals = aux[1]
-        return loss, out.scores, self.model.head.telemetry(out, targets), visuals
-
-    # eager under trainer.compile: a loss that does Python arithmetic on ``progress`` (the spread
-    # loss's margin schedule) would otherwise make the compiled graph recompile at every step
-    @torch.compiler.disable
-    def _loss(self, scores: Tensor, targets: Tensor, progress: float | Tensor) -> Tensor:
-        return self.criterion(scores, targets, progress)
-
-
-@dataclass
-class TrainState:
-    """Counters that a checkpoint must restore for a run to continue exactly."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    best_val_acc: float = float("-inf")
-    skipped_steps: int = 0
-    timed_images: int = 0
-    timed_seconds: float = 0.0
-    last_train_loss: float = float("nan")
-    window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # unlogged loss x n, correct, n
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-class StopTraining(Exception):
-    """Raised inside the loop to end training early (non-finite values, a signal)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass
-class Loop:
-    """What one training step needs; built once by ``capsexp.assembly.build_loop``."""
-
-    objective: nn.Module                  # what runs (maybe DDP-wrapped, maybe compiled)
-    model: Classifier                     # the bare model: stages, state dicts
-    evaluator: nn.Module                  # the objective without the DDP wrapper
-    criterion: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: LRScheduler
-    scaler: torch.amp.GradScaler
-    rt: Runtime
-    config: StepConfig
-    logger: Logger
-    monitor: Monitor | None               # None on non-main ranks
-    guard: SignalGuard
-    total_steps: int
-    show_progress: bool
-    params: list[nn.Parameter] = field(default_factory=list)
-    # set when every rank has agreed (in the per-step check) to stop after this step; the loop
-    # acts on this, never on its own signal flag, so all ranks leave after the same step
-    stop: bool = False
-    lines: ProgressLines | None = None    # progress as log lines, where no terminal shows the bar
-
-    def __post_init__(self) -> None:
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-
-
-@dataclass(frozen=True)
-class EpochStats:
-    """What one call of ``train_one_epoch`` did: the caller logs and keeps it."""
-
-    steps: int
-    images: int
-    seconds: float           # timed part only (after trainer.warmup_steps_excluded)
-    timed_images: int
-    train_loss: float        # the last logged window's mean loss (nan when none was logged)
 
 
 def progress_bar(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:

@@ -197,8 +197,38 @@ def check_command_line(command: str, args: Sequence[str]) -> Path | None:
             if preset is None:
                 return None
             choices += preset
-        folder = parsed if command == "train" and not multirun and not printing else None
-        return _check_jobs(command, fixed, choices, validate=not printing, folder_of=folder)
+        single = parsed if command == "train" and not multirun and not printing else None
+        folder = _check_jobs(command, fixed, choices, validate=not printing, folder_of=single)
+        if single is not None and folder is None:
+            _check_writable_root(command, fixed + [values[0] for values in choices])
+        return folder
+
+
+def _check_writable_root(command: str, overrides: list[str]) -> None:
+    """The folder Hydra will create the run folder in (the fixed part of ``hydra.run.dir``, or the
+    nearest folder above it that exists) must take a file; else Hydra fails with a traceback."""
+    import tempfile
+
+    from capsexp.errors import disk_cause
+
+    cfg = _compose(command, overrides, with_hydra=True)
+    node = OmegaConf.select(cfg, "hydra.run", default=None)
+    raw = node._get_node("dir")._value() if node is not None else None
+    if not isinstance(raw, str):
+        return
+    fixed = raw.split("${", 1)[0]
+    root = Path(fixed if fixed.endswith("/") or "${" not in raw else Path(fixed).parent).absolute()
+    while not root.exists() and root != root.parent:
+        root = root.parent
+    try:
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        cause = disk_cause(exc)
+        if cause is None:
+            raise
+        raise UserError(f"could not create the run folder in '{root}': {cause}; run from a writable folder "
+                        f"or set hydra.run.dir.") from None
 
 
 def _preset_choices(command: str, parsed: list[Any], fixed: list[str]) -> list[list[str]] | None:

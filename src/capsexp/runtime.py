@@ -142,7 +142,7 @@ def _status_kb(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def _resolve_device(name: str, local_rank: int) -> torch.device:
+def resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
@@ -181,7 +181,7 @@ def setup_runtime(trainer_cfg: Any) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _resolve_device(str(trainer_cfg.device), local_rank)
+    device = resolve_device(str(trainer_cfg.device), local_rank)
     if world_size > 1 and device.type == "cuda" and device.index != local_rank:
         raise UserError(f"trainer.device={trainer_cfg.device} would put every process on one GPU; "
                         f"under torchrun use trainer.device=auto or cuda (each rank takes LOCAL_RANK's GPU).")

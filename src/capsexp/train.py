@@ -17,8 +17,8 @@ from capsexp.config import flatten, validate
 from capsexp.data import bad_image_count, build_datasets, build_loaders
 from capsexp.drift import probe_images
 from capsexp.assembly import build_loop, seed_everything
-from capsexp.engine import EpochStats, Loop, StopTraining, TrainState, evaluate, train_one_epoch
-from capsexp.errors import UserError
+from capsexp.engine import evaluate, train_one_epoch
+from capsexp.loop import EpochStats, Loop, StopTraining, TrainState
 from capsexp.finite import first_nonfinite
 from capsexp.progress import progress_lines
 from capsexp.hparams import MARKED, compared_hparams
@@ -70,7 +70,7 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     loop.lines = progress_lines(cfg.trainer, rt.is_main, total_steps, batches, rt.world_size)
     state = TrainState()
     if ckpt is not None:
-        _restore(ckpt, loop, state)
+        restore(ckpt, loop, state)
     probe = int(cfg.grads.drift.probe_images)
     if loop.monitor is not None and probe > 0:  # the starting Gram matrices, unless the checkpoint had them
         loop.monitor.start_drift(probe_images(val_ds, probe), loop.model, rt)
@@ -211,7 +211,7 @@ def _save(loop: Loop, state: TrainState, cfg: DictConfig, run_dir: Path, num_cla
     return path
 
 
-def _restore(ckpt: dict[str, Any], loop: Loop, state: TrainState) -> None:
+def restore(ckpt: dict[str, Any], loop: Loop, state: TrainState) -> None:
     loop.model.load_state_dict(ckpt["model"])
     loop.criterion.load_state_dict(ckpt["criterion"])
     loop.optimizer.load_state_dict(ckpt["optimizer"])

@@ -1,0 +1,119 @@
+"""The training loop's contract: what a step needs (``Loop``), the trainer settings it reads
+(``StepConfig``), the two Protocols it talks to (``Logger``, ``Monitor``), the counters a checkpoint
+restores (``TrainState``) and what an epoch returns (``EpochStats``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from capsexp.models import Classifier
+from capsexp.progress import ProgressLines
+from capsexp.runtime import Runtime, SignalGuard
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The trainer settings a step and an epoch read (already validated)."""
+
+    grad_clip: float | None
+    on_nonfinite: str            # one of capsexp.engine.NONFINITE_POLICIES
+    log_every_n_steps: int
+    warmup_steps_excluded: int
+
+    @classmethod
+    def from_config(cls, trainer: Any) -> "StepConfig":
+        clip = trainer.grad_clip
+        return cls(None if clip is None else float(clip), str(trainer.on_nonfinite),
+                   int(trainer.log_every_n_steps), int(trainer.warmup_steps_excluded))
+
+
+class Logger(Protocol):
+    """Where the loop's values go (``capsexp.logger.RunLogger``; silent on non-main ranks)."""
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None: ...
+    def text(self, tag: str, text: str, step: int) -> None: ...
+    def image(self, tag: str, image: np.ndarray | Tensor, step: int, dataformats: str = "CHW") -> None: ...
+    def close(self) -> None: ...
+
+
+class Monitor(Protocol):
+    """Per-step diagnostics (``capsexp.diagnostics.GradientMonitor``); does work only at its intervals.
+
+    ``step`` counts optimizer steps including the current one (the TensorBoard x-axis).
+    """
+
+    def before_forward(self, step: int) -> None: ...
+    def after_backward(self, step: int, grad_norms: dict[int, Tensor], total_norm: Tensor,
+                       telemetry: dict[str, Tensor], visuals: dict[str, Tensor]) -> None: ...
+    def after_update(self, step: int, updated: bool) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint must restore for a run to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_val_acc: float = float("-inf")
+    skipped_steps: int = 0
+    timed_images: int = 0
+    timed_seconds: float = 0.0
+    last_train_loss: float = float("nan")
+    window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # unlogged loss x n, correct, n
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class StopTraining(Exception):
+    """Raised inside the loop to end training early (non-finite values, a signal)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Loop:
+    """What one training step needs; built once by ``capsexp.assembly.build_loop``."""
+
+    objective: nn.Module                  # what runs (maybe DDP-wrapped, maybe compiled)
+    model: Classifier                     # the bare model: stages, state dicts
+    evaluator: nn.Module                  # the objective without the DDP wrapper
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    rt: Runtime
+    config: StepConfig
+    logger: Logger
+    monitor: Monitor | None               # None on non-main ranks
+    guard: SignalGuard
+    total_steps: int
+    show_progress: bool
+    params: list[nn.Parameter] = field(default_factory=list)
+    # set when every rank has agreed (in the per-step check) to stop after this step; the loop
+    # acts on this, never on its own signal flag, so all ranks leave after the same step
+    stop: bool = False
+    lines: ProgressLines | None = None    # progress as log lines, where no terminal shows the bar
+
+    def __post_init__(self) -> None:
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one call of ``train_one_epoch`` did: the caller logs and keeps it."""
+
+    steps: int
+    images: int
+    seconds: float           # timed part only (after trainer.warmup_steps_excluded)
+    timed_images: int
+    train_loss: float        # the last logged window's mean loss (nan when none was logged)
