@@ -73,7 +73,10 @@ def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int
     """Linear warm-up, then cosine decay to ``lr x min_lr_ratio`` at ``total_steps`` (or constant)."""
     warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
     main = SCHEDULERS[cfg.scheduler](optimizer, max(total_steps - warmup, 1), float(cfg.min_lr_ratio))
-    if warmup == 0:
+    # the schedule's shape follows the config alone, never total_steps: a run extended on resume
+    # (a larger trainer.max_steps) loads the same kind of state, even where a 1-step run had no room
+    # for its warm-up (a ramp of 0 steps)
+    if int(cfg.warmup_steps) == 0:
         return main
     ramp = LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
     return SequentialLR(optimizer, [ramp, main], milestones=[warmup])
