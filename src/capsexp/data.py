@@ -8,6 +8,8 @@ checks are declared here.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,10 @@ def build_datasets(cfg: Any, seed: int) -> tuple[Dataset, Dataset, int]:
     return _build_torchvision(cfg, name, image_size)
 
 
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def build_loaders(cfg: Any, train_ds: Dataset, val_ds: Dataset, *, seed: int, pin_memory: bool = False,
                   rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
     """Train and val loaders over ``train_ds`` and ``val_ds``, sharded for DDP rank ``rank``.
@@ -120,7 +126,9 @@ def build_loaders(cfg: Any, train_ds: Dataset, val_ds: Dataset, *, seed: int, pi
     resumed mid-epoch, see the same batches with any number of workers. The train loader drops
     its last partial batch; the validation shards are not padded.
     """
-    batch_size, num_workers = int(cfg.batch_size), int(cfg.num_workers)
+    # more worker processes than usable cores only adds contention (and torch's warning); the
+    # batches are the same with any number of workers, so capping them changes no result
+    batch_size, num_workers = int(cfg.batch_size), min(int(cfg.num_workers), _usable_cores())
     train_sampler = EpochSampler(len(train_ds), True, seed, rank, world_size, keyed=True)
     val_sampler = EpochSampler(len(val_ds), False, seed, rank, world_size, pad=False)
     if len(train_sampler) < batch_size:
