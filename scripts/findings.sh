@@ -6,7 +6,7 @@
 #                routing 1 vs 3 for the capsule runs, $SEEDS seeds             -> $OUT/grid128_{fc,capsule}
 #   3. seed224   capsule/none vs capsule/conv at 224 px (7x7 map, 1568 input capsules, the seed's shape)
 #                                                                              -> $OUT/seed224
-#   4. capsexp report on each, the figures copied into docs/
+#   4. capsexp report on each step; its figures, a grad_map/features pair and a drift chart in docs/
 #
 #   scripts/findings.sh                      # the whole study (about 2 hours on a quiet 2-core CPU)
 #   STEPS=300 SEEDS=0,1,2 scripts/findings.sh   # longer, more seeds (on a GPU, also drop JOBS/threads)
@@ -62,7 +62,11 @@ sweep seed224 head=capsule adapter=none,conv "seed=$SEEDS" data.image_size=224 d
 for name in grid128_fc grid128_capsule seed224; do
   "$CAPSEXP" report "$OUT/$name"
 done
-"$CAPSEXP" report "$OUT"  # the whole study in one table and one figure
 mkdir -p "$DOCS"
-cp "$OUT/report.png" "$DOCS/findings_seed_study.png"
-echo "tables: $OUT/report.md and $OUT/<step>/report.md; figure: $DOCS/findings_seed_study.png"
+# each step's report figure (a report over all of $OUT would also hold the pretraining run, and label
+# every fine-tuning run with all the keys it shares with the others)
+cp "$OUT/grid128_fc/report.png" "$DOCS/findings_grid128_fc.png"
+cp "$OUT/grid128_capsule/report.png" "$DOCS/findings_grid128_capsule.png"
+cp "$OUT/seed224/report.png" "$DOCS/findings_seed224.png"
+"$(dirname "$CAPSEXP")/python" scripts/findings_figures.py "$OUT" "$DOCS"  # the python capsexp runs on
+echo "tables: $OUT/<step>/report.md; figures: $DOCS/findings_*.png"
