@@ -148,3 +148,41 @@ def test_a_failing_background_write_is_one_warning_not_a_crash(tmp_path: Path,
     logger.close()
     assert "capsexp: WARNING could not write the grad_flow figure at step 7 to TensorBoard: no pixels" in \
         capsys.readouterr().err
+
+
+def _hparams_plugin_data(run: Path) -> dict[str, object]:
+    """The HParams plugin's own records of a run, parsed the way TensorBoard parses them."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    acc.Reload()
+    out: dict[str, object] = {}
+    for tag in acc.PluginTagToContent("hparams"):
+        data = plugin_data_pb2.HParamsPluginData.FromString(acc.SummaryMetadata(tag).plugin_data.content)
+        out[tag] = getattr(data, data.WhichOneof("data"))
+    return out
+
+
+def test_hparams_session_info_names_the_compared_keys_in_order_and_the_metrics(capsule_run: Path) -> None:
+    data = _hparams_plugin_data(capsule_run / "capsule")
+    experiment, start = data["_hparams_/experiment"], data["_hparams_/session_start_info"]
+    names = [info.name for info in experiment.hparam_infos]
+    assert names[:7] == ["head.name", "adapter.name", "loss.name", "head.routing.iterations",
+                         "head.routing.detach", "backbone.freeze_depth", "optim.name"]
+    assert not any(n.startswith(("bench", "hydra", "trainer.resume")) for n in names)
+    assert {info.name for info in experiment.hparam_infos if info.differs} >= {"head.name", "adapter.name",
+                                                                                "head.routing.iterations"}
+    assert start.hparams["head.name"].string_value == "capsule" and start.hparams["adapter.name"].string_value == "conv"
+    assert start.hparams["backbone.freeze_depth"].number_value == 1
+    metrics = {m.name.tag for m in experiment.metric_infos}
+    assert {"summary/val/acc", "summary/early/head", "summary/grad_norm/adapter"} <= metrics
+    assert any(m.startswith("summary/update_to_weight/") for m in metrics)
+
+
+def test_a_run_shorter_than_the_figure_interval_still_gets_its_final_figures(tmp_path: Path) -> None:
+    # 4 steps, figures every 100: only the final ones, at the last step
+    train(make_cfg("grads.figure_every_n_steps=100", "grads.drift.probe_images=0"), run_dir=tmp_path)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("grad_flow")] == [4]
+    assert [e.step for e in acc.Images("stage_profile")] == [4]
