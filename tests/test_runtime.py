@@ -319,6 +319,9 @@ def test_a_logging_step_reads_the_gradients_once_for_their_norms(tmp_path: Path,
         return real(tensors, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_foreach_norm", counting)
-    engine.train_step(loop, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), TrainState())
+    try:
+        engine.train_step(loop, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), TrainState())
+    finally:
+        loop.logger.close()  # its writer thread must finish before the test's folder goes
     assert "grad_norm/head" in loop.monitor.summary()  # it was a logging step, statistics taken
     assert gradients == [len([p for p in loop.params if p.grad is not None])]
