@@ -225,8 +225,8 @@ def _check_writable_root(command: str, overrides: list[str]) -> None:
             pass
     except OSError as exc:
         cause = disk_cause(exc)
-        if cause is None:
-            raise
+        if cause is None:  # not a disk condition capsexp can word: Hydra's own attempt reports it
+            return
         raise UserError(f"could not create the run folder in '{root}': {cause}; run from a writable folder "
                         f"or set hydra.run.dir.") from None
 
