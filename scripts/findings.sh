@@ -8,7 +8,7 @@
 #                                                                              -> $OUT/seed224
 #   4. capsexp report on each step; its figures, a grad_map/features pair and a drift chart in docs/
 #
-#   scripts/findings.sh                      # the whole study (about 2 hours on a quiet 2-core CPU)
+#   scripts/findings.sh                      # the whole study (42 minutes on a shared 2-core CPU)
 #   STEPS=300 SEEDS=0,1,2 scripts/findings.sh   # longer, more seeds (on a GPU, also drop JOBS/threads)
 #   PRETRAIN="backbone.weights=IMAGENET1K_V2" scripts/findings.sh   # ImageNet weights instead of step 1
 #

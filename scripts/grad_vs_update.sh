@@ -2,7 +2,7 @@
 # The README's "Reading the gradient charts" table: gradient norm against update/weight and drift,
 # FC vs capsule head, AdamW vs SGD, from the same random-init start (64 px, 80 steps, adapter=none).
 #
-#   scripts/grad_vs_update.sh          # about 10 minutes on a quiet 2-core CPU
+#   scripts/grad_vs_update.sh          # 8 minutes on a shared 2-core CPU
 #
 # Environment: OUT (default outputs/findings/grad_vs_update; must not exist), CAPSEXP.
 set -euo pipefail
