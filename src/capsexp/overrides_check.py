@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from capsexp.arguments import KNOWN_FLAGS, NO_CHECK_FLAGS, is_hydra_key, split_arguments
@@ -198,22 +198,25 @@ def check_command_line(command: str, args: Sequence[str]) -> Path | None:
                 return None
             choices += preset
         single = parsed if command == "train" and not multirun and not printing else None
-        folder = _check_jobs(command, fixed, choices, validate=not printing, folder_of=single)
-        if single is not None and folder is None:
-            _check_writable_root(command, fixed + [values[0] for values in choices])
-        return folder
+        return _check_jobs(command, fixed, choices, validate=not printing, folder_of=single)
 
 
-def _check_writable_root(command: str, overrides: list[str]) -> None:
+def _pop_run_dir(cfg: DictConfig) -> Any:
+    """Remove Hydra's node, as ``compose(return_hydra_config=False)`` does, and return the raw
+    (unresolved) ``hydra.run.dir``: one composition serves the job's checks and the folder's."""
+    raw = OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir") if "hydra" in cfg else None
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return raw
+
+
+def _check_writable_root(raw: Any) -> None:
     """The folder Hydra will create the run folder in (the fixed part of ``hydra.run.dir``, or the
     nearest folder above it that exists) must take a file; else Hydra fails with a traceback."""
     import tempfile
 
     from capsexp.errors import disk_cause
 
-    cfg = _compose(command, overrides, with_hydra=True)
-    node = OmegaConf.select(cfg, "hydra.run", default=None)
-    raw = node._get_node("dir")._value() if node is not None else None
     if not isinstance(raw, str):
         return
     fixed = raw.split("${", 1)[0]
@@ -258,15 +261,19 @@ def _check_jobs(command: str, fixed: list[str], choices: list[list[str]], valida
     jobs = itertools.chain([first], (first[:k] + [v] + first[k + 1:]
                                      for k, values in enumerate(choices) for v in values[1:]))
     for swept in itertools.islice(jobs, MAX_COMPOSITIONS):
+        single = swept is first and folder_of is not None
         try:
-            cfg = _compose(command, fixed + swept)
+            cfg = _compose(command, fixed + swept, with_hydra=single)
+            run_dir = _pop_run_dir(cfg) if single else None
             if validate:
                 _validate(cfg)
         except UserError as exc:
             where = f"in the job with {', '.join(swept)}: " if swept else ""
             raise UserError(f"{where}{exc}") from None
-        if swept is first and folder_of is not None:
+        if single:
             folder = _check_run_folder(folder_of, cfg)
+            if folder is None:
+                _check_writable_root(run_dir)
     return folder
 
 
