@@ -13,9 +13,12 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-# a tiny CPU run: 32 px images (1x1 feature map), a few steps, everything logged every step
+from capsexp.config.validation import resolve_default_loss
+
+# a tiny CPU run: a ResNet18 (a test about ResNet50 itself says backbone=resnet50), 32 px images (1x1
+# feature map), a few steps, everything logged every step
 TINY = [
-    "data.image_size=32", "data.train_size=48", "data.val_size=16", "data.batch_size=8",
+    "backbone=resnet18", "data.image_size=32", "data.train_size=48", "data.val_size=16", "data.batch_size=8",
     "trainer.max_epochs=1", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
     "trainer.warmup_steps_excluded=1", "trainer.progress=false",
     "grads.log_every_n_steps=1", "grads.figure_every_n_steps=2", "optim.warmup_steps=1",
@@ -42,7 +45,9 @@ def make_cfg(*overrides: str, tiny: bool = True, config_name: str = "config") ->
     """The composed config, as ``capsexp train`` would see it (``config_name="bench"``: as
     ``capsexp bench`` would), with the tiny settings first."""
     with initialize_config_module(config_module="capsexp.conf", version_base="1.3"):
-        return compose(config_name=config_name, overrides=[*(TINY if tiny else []), *overrides])
+        cfg = compose(config_name=config_name, overrides=[*(TINY if tiny else []), *overrides])
+    resolve_default_loss(cfg)  # loss=default is the head's own loss, as train(cfg) resolves it
+    return cfg
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None

@@ -11,10 +11,10 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from capsexp.checkpoint import load_checkpoint
-from capsexp.config import validate
+from capsexp.rundir.checkpoint import load_checkpoint
+from capsexp.config.validation import validate
 from capsexp.errors import UserError
-from capsexp.models import build_model
+from capsexp.models.classifier import build_model
 from capsexp.models.backbone import BACKBONES, STAGES, build_backbone, feature_size
 from capsexp.train import train
 from conftest import TINY, make_cfg, run_cli

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from capsexp.bench import format_table, num_classes, plan, variant
 from capsexp.errors import UserError
-from capsexp.models import build_model
+from capsexp.models.classifier import build_model
 from capsexp.runtime import PeakMemory
 from conftest import make_cfg, run_cli
 
@@ -137,7 +137,7 @@ def test_diagnostics_rows_share_one_model_and_take_turns_in_blocks(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Drift of the machine's speed must not fall on one diagnostics setting: they alternate."""
     from capsexp import bench as bench_module
-    from capsexp import diagnostics
+    from capsexp.diagnostics import monitor as diagnostics
     from capsexp.runtime import setup_runtime
 
     created: list[diagnostics.GradientMonitor] = []

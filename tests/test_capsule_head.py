@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torchvision.transforms import v2
 
-from capsexp.capsules import dynamic_routing, squash
-from capsexp.data import IMAGENET_MEAN, IMAGENET_STD
+from capsexp.models.capsules import dynamic_routing, squash
+from capsexp.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from capsexp.models.capsule_head import INACTIVE_LENGTH, reconstruction_target
 from capsexp.models.capsule_head import CapsuleHead as _CapsuleHead
 
@@ -315,7 +315,7 @@ def test_from_config_reads_the_shipped_yaml() -> None:
 def test_impossible_settings_are_refused_by_the_config_check(override: str, key: str) -> None:
     from conftest import make_cfg
 
-    from capsexp.config import validate
+    from capsexp.config.validation import validate
     from capsexp.errors import UserError
 
     with pytest.raises(UserError, match=rf"^{key.replace('.', r'[.]')}=.* is not allowed; it must be "):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from capsexp.capsules import coupling_entropy, dynamic_routing, margin_loss, spread_loss, squash
-from capsexp.losses import build_loss
+from capsexp.models.losses import build_loss
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -331,7 +331,7 @@ def test_spread_loss_anneals_with_progress() -> None:
 def test_bad_loss_settings_are_one_sentence(override: str, message: str) -> None:
     from conftest import make_cfg
 
-    from capsexp.config import validate
+    from capsexp.config.validation import validate
     from capsexp.errors import UserError
 
     with pytest.raises(UserError) as caught:

@@ -10,7 +10,7 @@ import torchvision
 
 from capsexp import __version__
 from capsexp.errors import UserError
-from capsexp.overrides_check import check_command_line
+from capsexp.config.overrides import check_command_line
 from conftest import make_cfg, run_cli
 
 

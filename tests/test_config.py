@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from capsexp.config import flatten, validate
+from capsexp.config.validation import flatten, validate
 from conftest import TINY, make_cfg
 
 CONF = resources.files("capsexp.conf")

@@ -1,4 +1,4 @@
-"""Tests for capsexp.data and capsexp.shapes: procedural shapes, their checksummed cache, the data
+"""Tests for capsexp.data.datasets and capsexp.data.shapes: procedural shapes, their checksummed cache, the data
 group's config checks, image-folder layouts and loaders (decoding and bad files: test_imagefolder.py)."""
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from capsexp import data, shapes
-from capsexp.config import validate
-from capsexp.data import build_datasets, build_loaders, build_transform
+from capsexp.data import datasets as data
+from capsexp.data import shapes
+from capsexp.config.validation import validate
+from capsexp.data.datasets import build_datasets, build_loaders, build_transform
 from capsexp.errors import UserError
-from capsexp.shapes import IMAGENET_MEAN, IMAGENET_STD, SHAPES_CLASSES, ShapesDataset, render_shapes
+from capsexp.data.shapes import IMAGENET_MEAN, IMAGENET_STD, SHAPES_CLASSES, ShapesDataset, render_shapes
 from conftest import make_cfg
 
-CONF = Path(data.__file__).parent / "conf" / "data"
+CONF = Path(data.__file__).parents[1] / "conf" / "data"
 N_CLASSES = len(SHAPES_CLASSES)
 
 

@@ -22,10 +22,10 @@ import torch
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from capsexp.assembly import seed_everything
-from capsexp.checkpoint import load_checkpoint
-from capsexp.models import build_model
-from capsexp.shapes import SHAPES_CLASSES
+from capsexp.engine.assembly import seed_everything
+from capsexp.rundir.checkpoint import load_checkpoint
+from capsexp.models.classifier import build_model
+from capsexp.data.shapes import SHAPES_CLASSES
 from capsexp.train import train
 from conftest import TINY, make_cfg
 
@@ -226,11 +226,11 @@ def test_validation_under_ddp_measures_the_model_rank_0_saves(tmp_path: Path) ->
     evaluation must use rank 0's (those in the checkpoint) on every rank."""
     from omegaconf import OmegaConf
 
-    from capsexp.data import build_datasets, build_loaders
-    from capsexp.engine import evaluate
-    from capsexp.objective import Objective
-    from capsexp.losses import build_loss
-    from capsexp.models import build_model
+    from capsexp.data.datasets import build_datasets, build_loaders
+    from capsexp.engine.step import evaluate
+    from capsexp.models.objective import Objective
+    from capsexp.models.losses import build_loss
+    from capsexp.models.classifier import build_model
     from capsexp.runtime import setup_runtime
 
     run = tmp_path / "run"
@@ -245,7 +245,7 @@ def test_validation_under_ddp_measures_the_model_rank_0_saves(tmp_path: Path) ->
     train_ds, val_ds, classes = build_datasets(cfg.data, seed=int(cfg.seed))
     model = build_model(cfg, classes)
     model.load_state_dict(ckpt["model"])
-    objective = Objective(model, build_loss(cfg.loss), float(cfg.loss.reconstruction_weight))
+    objective = Objective(model, build_loss(cfg.loss))
     val_loader = build_loaders(cfg.data, train_ds, val_ds, seed=int(cfg.seed))[1]
     single = evaluate(objective, val_loader, setup_runtime(cfg.trainer), None, show_progress=False)
     assert metrics["val/loss"] == pytest.approx(single["val/loss"], rel=1e-5)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from capsexp.figures import gradient_flow_figure
-from capsexp.alarms import VanishingAlarm
-from capsexp.gradients import (
+from capsexp.diagnostics.figures import gradient_flow_figure
+from capsexp.diagnostics.alarms import VanishingAlarm
+from capsexp.diagnostics.gradients import (
     GradStats,
     frozen_stages,
     gradient_stats,

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-import capsexp.assembly as assembly
-from capsexp.assembly import build_loop
-from capsexp.checkpoint import load_checkpoint
-from capsexp.config import validate
-from capsexp.loop import StopTraining
+import capsexp.engine.assembly as assembly
+from capsexp.engine.assembly import build_loop
+from capsexp.rundir.checkpoint import load_checkpoint
+from capsexp.config.validation import validate
+from capsexp.engine.loop import StopTraining
 from capsexp.errors import UserError
-from capsexp.finite import first_nonfinite
+from capsexp.engine.guards import first_nonfinite
 from capsexp.runtime import setup_runtime
 from capsexp.train import train
 from conftest import TINY, make_cfg, run_cli

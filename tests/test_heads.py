@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from capsexp.objective import Objective
-from capsexp.losses import build_loss
-from capsexp.models import build_model
+from capsexp.models.objective import Objective
+from capsexp.models.losses import build_loss
+from capsexp.models.classifier import build_model
 from conftest import make_cfg
 
 COMBOS = list(itertools.product(["none", "conv", "linear"], ["fc", "capsule"], ["ce", "margin", "spread"]))
@@ -18,7 +18,7 @@ COMBOS = list(itertools.product(["none", "conv", "linear"], ["fc", "capsule"], [
 def _objective(*overrides: str, num_classes: int = 5) -> Objective:
     cfg = make_cfg(*overrides)
     model = build_model(cfg, num_classes)
-    return Objective(model, build_loss(cfg.loss), float(cfg.loss.reconstruction_weight))
+    return Objective(model, build_loss(cfg.loss))
 
 
 @pytest.mark.parametrize("adapter,head,loss", COMBOS)

@@ -13,13 +13,13 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from capsexp import data
-from capsexp.data import bad_image_count, build_datasets, build_loaders
+from capsexp.data import datasets as data
+from capsexp.data.datasets import bad_image_count, build_datasets, build_loaders
 from capsexp.errors import UserError
-from capsexp.imagefolder import IMAGE_EXTENSIONS, ImageSplit, decode_rgb
+from capsexp.data.imagefolder import IMAGE_EXTENSIONS, ImageSplit, decode_rgb
 from conftest import TINY, run_cli
 
-CONF = Path(data.__file__).parent / "conf" / "data" / "imagefolder.yaml"
+CONF = Path(data.__file__).parents[1] / "conf" / "data" / "imagefolder.yaml"
 BACKDROP = (124, 116, 104)  # round(255 * ImageNet mean): what transparent pixels become
 ENDING = "; remove it, or set data.on_bad_image=skip."
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from capsexp.features import feature_gradient
-from capsexp.gradients import snapshot, update_stats
-from capsexp.representations import centred_gram, linear_cka
+from capsexp.diagnostics.features import feature_gradient
+from capsexp.diagnostics.gradients import snapshot, update_stats
+from capsexp.diagnostics.drift import centred_gram, linear_cka
 from capsexp.train import train
 from conftest import make_cfg
 
@@ -117,8 +117,8 @@ def test_linear_cka_equals_the_centred_hsic_formula_and_its_invariances() -> Non
 
 
 def test_the_features_gradient_is_autograd_of_the_loss_on_the_feature_map() -> None:
-    from capsexp.features import FeatureGradient
-    from capsexp.models import build_model
+    from capsexp.diagnostics.features import FeatureGradient
+    from capsexp.models.classifier import build_model
 
     torch.manual_seed(0)
     model = build_model(make_cfg("head=capsule", "adapter=conv", "data.image_size=64"), num_classes=4)
@@ -169,7 +169,7 @@ def test_a_real_run_writes_the_learning_tags_and_metrics(tmp_path: Path) -> None
 def test_skipped_updates_write_no_update_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    import capsexp.losses as losses
+    import capsexp.models.losses as losses
 
     # the loss of steps 2 and 3 is infinite (a planted fault, so the model itself stays finite): both
     # updates are skipped, and the steps around them are written
@@ -217,7 +217,7 @@ def test_resume_reproduces_drift(tmp_path: Path) -> None:
     common = ["trainer.max_steps=6", "trainer.max_epochs=3", "data.train_size=16", "grads.figure_every_n_steps=0",
               "grads.drift.probe_images=8"]  # 2 steps per epoch: a validation (and drift) every 2 steps
     whole = train(make_cfg(*common), run_dir=tmp_path / "whole")
-    from capsexp.loop import StopTraining
+    from capsexp.engine.loop import StopTraining
 
     with pytest.raises(StopTraining, match=r"interrupted at step \d+"):  # mid-epoch, after one validation
         _interrupt_after(make_cfg(*common), tmp_path / "parts", steps=3)
@@ -231,7 +231,7 @@ def _interrupt_after(cfg, run_dir: Path, steps: int) -> None:
     import os
     import signal
 
-    from capsexp import engine
+    from capsexp.engine import step as engine
 
     real = engine.train_step
 

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 
 import capsexp.cli  # noqa: F401 -- registers the folder-name resolvers, as the command does
-from capsexp.progress import format_duration, progress_line
+from capsexp.engine.console import format_duration, progress_line
 from capsexp.report import build_rows, find_runs, read_run, report_figure
 from capsexp.train import train
 from conftest import TINY, make_cfg, run_cli

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import capsexp.assembly as assembly
-from capsexp.checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from capsexp.loop import StopTraining
+import capsexp.engine.assembly as assembly
+from capsexp.rundir.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from capsexp.engine.loop import StopTraining
 from capsexp.errors import UserError
 from capsexp.train import train
 from conftest import TINY, make_cfg, run_cli
@@ -123,7 +123,7 @@ def test_nan_gradient_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path,
 def test_nan_gradient_with_skip_skips_and_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from test_train import scalar_tags
 
-    import capsexp.engine as engine
+    import capsexp.engine.step as engine
 
     _poison(monkeypatch, at_step=3)
     losses: list[float] = []
@@ -274,7 +274,7 @@ def test_refused_rerun_leaves_the_existing_run_record_alone(tmp_path: Path) -> N
     ("data.download=maybe", "data.download='maybe' is not allowed; it must be true or false."),
 ])
 def test_more_values_checked_before_training(override: str, message: str) -> None:
-    from capsexp.config import validate
+    from capsexp.config.validation import validate
 
     with pytest.raises(UserError) as caught:
         validate(make_cfg(override))
@@ -282,7 +282,7 @@ def test_more_values_checked_before_training(override: str, message: str) -> Non
 
 
 def test_flags_may_follow_overrides_and_conflicting_modes_are_one_sentence(tmp_path: Path) -> None:
-    from capsexp.arguments import hydra_argv
+    from capsexp.config.argv import hydra_argv
 
     assert hydra_argv(["head=capsule", "-m", "head.routing.iterations=1,3", "--info", "defaults", "seed=1"]) == \
         ["-m", "--info", "defaults", "head=capsule", "head.routing.iterations=1,3", "seed=1"]
@@ -304,8 +304,8 @@ def test_flags_may_follow_overrides_and_conflicting_modes_are_one_sentence(tmp_p
     ["head=capsule", "--info"],
 ])
 def test_what_only_the_job_can_resolve_is_not_refused(args: list[str], tmp_path: Path) -> None:
-    from capsexp.arguments import hydra_argv
-    from capsexp.overrides_check import check_command_line
+    from capsexp.config.argv import hydra_argv
+    from capsexp.config.overrides import check_command_line
 
     check_command_line("train", args)  # no UserError
     if "--info" in args:

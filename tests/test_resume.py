@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from capsexp.checkpoint import load_checkpoint
-from capsexp.resume import CONTINUABLE, changed_keys
+from capsexp.rundir.checkpoint import load_checkpoint
+from capsexp.rundir.resume import CONTINUABLE, changed_keys
 from capsexp.train import train
 from conftest import TINY, make_cfg, run_cli
 

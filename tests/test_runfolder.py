@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from capsexp.checkpoint import load_checkpoint
+from capsexp.rundir.checkpoint import load_checkpoint
 from conftest import TINY, run_cli
 
 # resnet18 at 32 px: a few steps a second, so a long run lasts long enough to be met by a second one

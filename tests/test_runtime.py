@@ -21,9 +21,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import capsexp.engine as engine
+import capsexp.engine.step as engine
 from capsexp.errors import UserError
-from capsexp.loop import Loop, StopTraining, TrainState
+from capsexp.engine.loop import Loop, StopTraining, TrainState
 from capsexp.runtime import resolve_device, setup_runtime
 from capsexp.train import train
 from conftest import make_cfg
@@ -31,7 +31,7 @@ from conftest import make_cfg
 # a short run: 3 steps, diagnostics and loss logging on step 2 only, backward through layer4 and up
 QUICK = ["trainer.max_steps=3", "data.val_size=8", "trainer.limit_val_batches=1", "backbone.freeze_depth=4",
          "trainer.log_every_n_steps=2", "grads.log_every_n_steps=2", "grads.figure_every_n_steps=0"]
-SRC = str(Path(engine.__file__).parent)
+SRC = str(Path(engine.__file__).parents[1])
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -227,7 +227,7 @@ def test_loader_workers_persist_across_epochs(tmp_path: Path) -> None:
 
 def _scaled_loop(tmp_path: Path) -> Loop:
     """A real loop with an enabled GradScaler: the fp16 update path, on the CPU."""
-    from capsexp.assembly import build_loop
+    from capsexp.engine.assembly import build_loop
 
     cfg = make_cfg("head=fc", "backbone.freeze_depth=4", "grads.enabled=false", "optim.warmup_steps=0")
     rt = setup_runtime(cfg.trainer)
@@ -275,7 +275,7 @@ def test_scaled_update_path_syncs_once_and_overflow_skips_update_and_schedule(tm
 
 def test_a_checkpoint_without_loss_scaling_resumes_under_a_scaler(tmp_path: Path) -> None:
     """fp32/bf16 checkpoints hold an empty scaler state; resuming them with fp16 starts a fresh scale."""
-    from capsexp.checkpoint import load_checkpoint
+    from capsexp.rundir.checkpoint import load_checkpoint
     from capsexp.train import restore
 
     train(make_cfg("head=fc", "backbone.freeze_depth=4", "trainer.max_steps=2", "grads.enabled=false",
@@ -304,7 +304,7 @@ def test_gradients_that_overflow_at_any_scale_stop_the_run(tmp_path: Path) -> No
 
 def test_a_logging_step_reads_the_gradients_once_for_their_norms(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from capsexp.assembly import build_loop
+    from capsexp.engine.assembly import build_loop
 
     cfg = make_cfg("head=fc", "backbone.freeze_depth=4", "grads.log_every_n_steps=1", "grads.figure_every_n_steps=0")
     loop = build_loop(cfg, setup_runtime(cfg.trainer), 8, 10, tmp_path / "tb", show_progress=False)

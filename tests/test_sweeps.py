@@ -12,8 +12,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from capsexp.config import validate
-from capsexp.sweeps import MAX_SUBDIR_CHARS, sweep_subdir, swept_keys
+from capsexp.config.validation import validate
+from capsexp.config.naming import MAX_SUBDIR_CHARS, sweep_subdir, swept_keys
 from conftest import TINY, run_cli
 
 # conftest's tiny run, with 2 batches per epoch so that 4 steps give two validations
@@ -121,7 +121,7 @@ def test_experiment_preset_sweeps_what_it_documents(name: str) -> None:
         validate(job_cfg)
         assert job_cfg.loss.name == ("margin" if job_cfg.head.name == "capsule" else "ce")
     # and the command-line check, which composes the preset's sweep itself, lets it through
-    from capsexp.overrides_check import check_command_line
+    from capsexp.config.overrides import check_command_line
 
     check_command_line("train", ["-m", f"experiment={name}", "backbone.weights=IMAGENET1K_V2", "data.image_size=32"])
 

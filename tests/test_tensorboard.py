@@ -77,9 +77,9 @@ def test_the_tensorboard_server_serves_the_gradient_tags(capsule_run: Path) -> N
 
 
 def test_mean_abs_gradients_are_measured_only_for_the_next_flow_figure() -> None:
-    from capsexp.diagnostics import FLOW_LINES, GradientMonitor
-    from capsexp.logger import RunLogger
-    from capsexp.models import build_model
+    from capsexp.diagnostics.monitor import FLOW_LINES, GradientMonitor
+    from capsexp.diagnostics.tensorboard import RunLogger
+    from capsexp.models.classifier import build_model
 
     cfg = make_cfg("backbone=resnet18", "grads.log_every_n_steps=10", "grads.figure_every_n_steps=100",
                    "grads.histogram_every_n_steps=0", "trainer.log_every_n_steps=10")
@@ -106,7 +106,7 @@ def test_figures_and_gradient_scalars_are_written_off_the_training_thread(tmp_pa
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from capsexp import figures
+    from capsexp.diagnostics import figures
 
     figure_threads: list[int] = []
     scalar_threads: list[int] = []
@@ -136,7 +136,7 @@ def test_figures_and_gradient_scalars_are_written_off_the_training_thread(tmp_pa
 
 def test_a_failing_background_write_is_one_warning_not_a_crash(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
-    from capsexp.logger import RunLogger
+    from capsexp.diagnostics.tensorboard import RunLogger
 
     logger = RunLogger(tmp_path)
 

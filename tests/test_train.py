@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from capsexp.checkpoint import load_checkpoint
+from capsexp.rundir.checkpoint import load_checkpoint
 from capsexp.errors import UserError
 from capsexp.train import train
 from conftest import make_cfg
@@ -53,7 +53,7 @@ def test_event_files_hold_the_runner_tags(fc_run: tuple[Path, dict]) -> None:
 
 
 def test_best_is_last_until_validation_stops_improving(tmp_path: Path) -> None:
-    from capsexp.checkpoint import link_checkpoint, save_checkpoint
+    from capsexp.rundir.checkpoint import link_checkpoint, save_checkpoint
 
     last, best = tmp_path / "last.pt", tmp_path / "best.pt"
     save_checkpoint({"step": 1}, last)

@@ -24,28 +24,29 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from capsexp.assembly import build_loop, seed_everything
+from capsexp.engine.assembly import build_loop, seed_everything
 from capsexp.checks import Check, boolean, integer
-from capsexp.config import validate
-from capsexp.diagnostics import GradientMonitor
-from capsexp.engine import train_step
-from capsexp.loop import Loop, TrainState
+from capsexp.config.validation import validate
+from capsexp.diagnostics.monitor import GradientMonitor
+from capsexp.engine.step import train_step
+from capsexp.engine.loop import Loop, TrainState
 from capsexp.errors import UserError
-from capsexp.groups import group_option
+from capsexp.config.tree import group_option
 from capsexp.models.backbone import feature_size
-from capsexp.rundir import output_dir
+from capsexp.rundir.folder import output_dir
+from capsexp.data.catalog import CLASS_COUNTS
+from capsexp.models.adapters import ADAPTERS
+from capsexp.models.heads import POOLS
+from capsexp.models.routing import ROUTINGS
 from capsexp.runtime import PeakMemory, Runtime, setup_runtime
 
 BENCH_FILE = "bench.json"
 BENCH_MARKDOWN = "bench.md"
-ADAPTERS = ("none", "conv", "linear")
-CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
-DEFAULT_LOSS = {"fc": "ce", "capsule": "margin"}  # what composing head=<name> selects
 
 # (text-table title, width: negative = left-aligned text, Markdown title or None, row key, format)
 COLUMNS: list[tuple[str, int, str | None, str, str]] = [
     ("name", -28, "row", "name", ""), ("head", -7, None, "head", ""), ("adapter", -7, "adapter", "adapter", ""),
-    ("iters", 5, "routing iters", "routing_iterations", ""), ("I", 6, "input capsules I", "input_capsules", ""),
+    ("routing", -9, "routing", "routing", ""), ("iters", 5, "routing iters", "routing_iterations", ""), ("I", 6, "input capsules I", "input_capsules", ""),
     ("grads", -22, "grad diagnostics", "grads", ""), ("ms/step", 9, "step ms (median)", "step_ms_median", ".1f"),
     ("img/s", 8, "images/s", "images_per_sec", ".1f"), ("peak MB", 8, "peak MB", "peak_memory_mb", ".0f"),
     ("x fc", 6, "x fc", "vs_fc", ".2f"), ("x off", 6, "x grads off", "vs_grads_off", ".2f"),
@@ -55,7 +56,12 @@ BENCH_CHECKS: list[Check] = [  # (key under bench., predicate, what is allowed)
     ("warmup_steps", integer(0), "an integer >= 0"), ("steps", integer(1), "an integer >= 1"),
     ("drift_repeats", integer(0), "an integer >= 0"), ("heads", boolean, "true or false"),
     ("diagnostics", boolean, "true or false"), ("num_classes", integer(2, optional=True), "an integer >= 2 or null"),
-    ("adapters", lambda v: bool(v) and all(a in ADAPTERS for a in v), f"a non-empty list of {', '.join(ADAPTERS)}"),
+    ("adapters", lambda v: v is None or (bool(v) and all(a in ADAPTERS for a in v)),
+     f"null (every adapter) or a non-empty list of {', '.join(ADAPTERS)}"),
+    ("routings", lambda v: v is None or (bool(v) and all(r in ROUTINGS for r in v)),
+     f"null (every routing) or a non-empty list of {', '.join(ROUTINGS)}"),
+    ("pools", lambda v: v is None or (bool(v) and all(p in POOLS for p in v)),
+     f"null (every FC pooling) or a non-empty list of {', '.join(POOLS)}"),
     ("routing_iterations", lambda v: bool(v) and all(integer(1)(k) for k in v), "a non-empty list of integers >= 1"),
 ]
 NO_DRIFT: dict[str, float | None] = {"drift_start_ms": None, "drift_ms_per_validation": None}
@@ -66,11 +72,14 @@ DRIFT_NOTE = ("drift/<stage> at one validation (a forward of the {images} probe 
 
 @dataclass(frozen=True)
 class Row:
-    """One configuration to time: a head, an adapter, routing iterations and a diagnostics setting."""
+    """One configuration to time: a head (an FC pooling or a routing), an adapter, routing iterations
+    and a diagnostics setting."""
 
     name: str
     head: str
     adapter: str
+    routing: str | None     # the capsule head's routing; None for the FC head
+    pool: str | None        # the FC head's pooling; None for the capsule head
     iterations: int | None
     grads: str  # "default", "off" or "every"
     base: str   # the row name of the same model with the default diagnostics
@@ -80,20 +89,29 @@ def plan(cfg: DictConfig) -> list[Row]:
     """The rows ``bench`` times, from the ``bench`` config group (``bench.rows`` selects by name)."""
     b = cfg.bench
     caps_head = cfg.head if cfg.head.name == "capsule" else _group("head", "capsule")
-    caps_iters = int(caps_head.routing.iterations)
+    caps_iters, caps_routing = int(caps_head.routing.iterations), str(caps_head.routing.name)
+    adapters = list(ADAPTERS) if b.adapters is None else list(b.adapters)
+    routings = list(ROUTINGS) if b.routings is None else list(b.routings)
+    pools = list(POOLS) if b.pools is None else list(b.pools)
     rows: list[Row] = []
     if b.heads or b.diagnostics:
-        rows.append(Row("fc", "fc", "none", None, "default", "fc"))
+        rows.append(Row("fc", "fc", "none", None, "avg", None, "default", "fc"))
     if b.heads:
-        rows += [Row(f"capsule-{a}-r{k}", "capsule", a, k, "default", f"capsule-{a}-r{k}")
-                 for a in b.adapters for k in b.routing_iterations]
+        rows += [Row(f"fc-{pool}", "fc", "none", None, pool, None, "default", f"fc-{pool}")
+                 for pool in pools if pool != "avg"]
+        for routing in routings:
+            # a routing without iterations gets one row, named without r<k>
+            iterations = list(b.routing_iterations) if ROUTINGS[routing].iterations else [None]
+            rows += [Row(name, "capsule", a, routing, None, k, "default", name)
+                     for a in adapters for k in iterations
+                     for name in [_capsule_name(a, routing, k)]]
     if b.diagnostics:
-        caps = f"capsule-conv-r{caps_iters}"
+        caps = _capsule_name("conv", caps_routing, caps_iters if ROUTINGS[caps_routing].iterations else None)
         if caps not in {r.name for r in rows}:
-            rows.append(Row(caps, "capsule", "conv", caps_iters, "default", caps))
+            rows.append(Row(caps, "capsule", "conv", caps_routing, None, caps_iters, "default", caps))
         for grads in ("off", "every"):
-            rows.append(Row(f"fc-grads-{grads}", "fc", "none", None, grads, "fc"))
-            rows.append(Row(f"{caps}-grads-{grads}", "capsule", "conv", caps_iters, grads, caps))
+            rows.append(Row(f"fc-grads-{grads}", "fc", "none", None, "avg", None, grads, "fc"))
+            rows.append(Row(f"{caps}-grads-{grads}", "capsule", "conv", caps_routing, None, caps_iters, grads, caps))
     if b.rows is not None:
         known = {r.name: r for r in rows}
         names = [b.rows] if isinstance(b.rows, str) else list(b.rows)  # bench.rows=fc: one row
@@ -103,6 +121,13 @@ def plan(cfg: DictConfig) -> list[Row]:
                             f"choose from {', '.join(known)}.")
         rows = [known[n] for n in names]
     return rows
+
+
+def _capsule_name(adapter: str, routing: str, iterations: int | None) -> str:
+    """``capsule-conv-r3``, ``capsule-conv-em-r3``, ``capsule-conv-self``: as run folders are named."""
+    parts = ["capsule", adapter] + ([routing] if routing != "dynamic" else []) + \
+        ([f"r{iterations}"] if iterations is not None else [])
+    return "-".join(parts)
 
 
 def _check(cfg: DictConfig) -> None:
@@ -131,9 +156,14 @@ def variant(cfg: DictConfig, row: Row) -> DictConfig:
     OmegaConf.set_struct(out, False)
     if cfg.head.name != row.head:
         out.head = _group("head", row.head)
-        out.loss = _group("loss", DEFAULT_LOSS[row.head])
+        out.loss = _group("loss", "default")  # the head's (or routing's) own loss, as composing head= gives
     if cfg.adapter.name != row.adapter:
         out.adapter = _group("adapter", row.adapter)
+    if row.routing is not None and out.head.routing.name != row.routing:
+        out.head.routing.name = row.routing
+        out.loss = _group("loss", "default")
+    if row.pool is not None:
+        out.head.pool = row.pool
     if row.iterations is not None:
         out.head.routing.iterations = row.iterations
     if row.grads == "off":
@@ -160,7 +190,7 @@ def num_classes(cfg: DictConfig) -> int:
         return int(cfg.bench.num_classes)
     name = cfg.data.name
     if name == "shapes":
-        from capsexp.data import SHAPES_CLASSES
+        from capsexp.data.datasets import SHAPES_CLASSES
 
         return len(SHAPES_CLASSES)
     if name in CLASS_COUNTS:
@@ -221,8 +251,8 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
     seed_everything(int(base.seed))
     loop = build_loop(base, rt, classes, warmup * len(cfgs) + blocks * block * len(cfgs), tb_dir,
                       show_progress=False)
-    monitors = [loop.monitor] + [GradientMonitor(c.grads, int(c.trainer.log_every_n_steps), loop.logger,
-                                                 loop.model, loop.total_steps) for c in cfgs[1:]]
+    monitors = [loop.monitor] + [GradientMonitor(c.grads, loop.logger, loop.model, loop.total_steps, torch.empty(0))
+                                 for c in cfgs[1:]]
     # a step counter per configuration: each monitor sees steps 1, 2, ... as in a run of its own,
     # so work due at a step (a logging step, a flow figure) falls on the configuration it belongs to
     states, batches = [TrainState() for _ in cfgs], _batches(base, classes, rt)
@@ -249,7 +279,7 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
             peak = memory.peak_mb()
             peaks[which] = peak if peaks[which] is None or peak is None else max(peaks[which], peak)
     enabled = [i for i, c in enumerate(cfgs) if c.grads.enabled]
-    drift = time_drift(loop, monitors[enabled[0]], states[enabled[0]].step, base, rt) if enabled else NO_DRIFT
+    drift = time_drift(loop, states[enabled[0]].step, cfgs[enabled[0]], rt) if enabled else NO_DRIFT
     loop.logger.close()
     return [{**_shape(loop, int(base.data.image_size)),
              "images_per_sec": 1000 * int(base.data.batch_size) * len(ms) / sum(ms),
@@ -261,7 +291,7 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
 def _shape(loop: Loop, image_size: int) -> dict[str, Any]:
     """What the head reads: its input capsules I (None for the FC head) and the adapter's output."""
     head, side = loop.model.head, loop.model.adapter.out_size(feature_size(image_size))
-    return {"input_capsules": head.primary.num_capsules if hasattr(head, "primary") else None,
+    return {"input_capsules": head.input_capsules,
             "head_input": f"{loop.model.adapter.out_channels}x{side}x{side}"}
 
 
@@ -274,9 +304,8 @@ def _timed(work: Callable[[], Any], rt: Runtime) -> float:
     return 1000 * (time.perf_counter() - tick)
 
 
-def time_drift(loop: Loop, monitor: GradientMonitor, step: int, cfg: DictConfig, rt: Runtime
-               ) -> dict[str, float | None]:
-    """Milliseconds of ``drift/<stage>`` as a run spends them, through ``monitor``: the starting Gram
+def time_drift(loop: Loop, step: int, cfg: DictConfig, rt: Runtime) -> dict[str, float | None]:
+    """Milliseconds of ``drift/<stage>`` as a run spends them, through a monitor of ``cfg``: the starting Gram
     matrices (once per run) and the median of ``bench.drift_repeats`` validations' measurements, on
     ``grads.drift.probe_images`` synthetic images (None when drift is off)."""
     count, repeats = int(cfg.grads.drift.probe_images), int(cfg.bench.drift_repeats)
@@ -284,9 +313,10 @@ def time_drift(loop: Loop, monitor: GradientMonitor, step: int, cfg: DictConfig,
         return dict(NO_DRIFT)
     size = int(cfg.data.image_size)
     images = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(int(cfg.seed) + 1))
-    monitor.drift = None  # a fresh probe: its starting Gram matrices are timed too
-    start = _timed(lambda: monitor.start_drift(images, loop.model, rt), rt)
-    validations = [_timed(lambda: monitor.on_validation(step, loop.model, rt), rt) for _ in range(repeats)]
+    # a fresh probe: its starting Gram matrices are timed too
+    monitor = GradientMonitor(cfg.grads, loop.logger, loop.model, loop.total_steps, images)
+    start = _timed(lambda: monitor.start(rt), rt)
+    validations = [_timed(lambda: monitor.on_validation(step, rt), rt) for _ in range(repeats)]
     return {"drift_start_ms": start, "drift_ms_per_validation": statistics.median(validations)}
 
 
@@ -359,7 +389,8 @@ def _time_rows(rows: list[Row], variants: list[DictConfig], rt: Runtime, classes
                 drift = measured[i]["drift_ms_per_validation"]
                 print(f"  {rows[i].name}: {measured[i]['step_ms_median']:.1f} ms/step"
                       + (f", drift {drift:.1f} ms/validation" if drift is not None else ""), flush=True)
-    return [{"name": row.name, "head": row.head, "adapter": row.adapter, "routing_iterations": row.iterations,
+    return [{"name": row.name, "head": row.head if row.pool in (None, "avg") else f"fc-{row.pool}",
+             "adapter": row.adapter, "routing": row.routing, "routing_iterations": row.iterations,
              "grads": _grads_label(row_cfg), **measured[i]} for i, (row, row_cfg) in enumerate(zip(rows, variants))]
 
 

@@ -6,7 +6,7 @@ Each module that reads a config group declares, next to its ``build_*``:
 * ``OPTION_CHECKS``: ``{option name: checks}`` for the keys only one option has;
 * optionally ``cross_check(cfg)``, for rules that relate several keys.
 
-``capsexp.config.validate`` collects them, so the command line and ``train(cfg)`` give the same
+``capsexp.config.validation.validate`` collects them, so the command line and ``train(cfg)`` give the same
 one-sentence errors, and a new option touches its module and its YAML file only.
 """
 

@@ -18,12 +18,13 @@ from omegaconf.errors import InterpolationResolutionError
 
 # imported for their resolvers too: capsexp_sweep_subdir and capsexp_required must be registered
 # wherever Hydra composes, joblib workers (which import this module) included
-from capsexp import __version__, sweeps
-from capsexp.arguments import distributed_overrides, hydra_argv, strip_command_from_completion_line
+from capsexp import __version__
+from capsexp.config import naming as sweeps
+from capsexp.config.argv import distributed_overrides, hydra_argv, strip_command_from_completion_line
 from capsexp.errors import UserError, user_error_in
-from capsexp.groups import CONFIG_NAMES
-from capsexp.overrides_check import check_command_line
-from capsexp.runlock import hold_run_folder
+from capsexp.config.tree import CONFIG_NAMES
+from capsexp.config.overrides import check_command_line
+from capsexp.rundir.lock import hold_run_folder
 
 USAGE = """usage: capsexp <command> [options]
 
@@ -53,7 +54,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 
 def _guarded(work: Callable[[], object]) -> object:
-    from capsexp.loop import StopTraining
+    from capsexp.engine.loop import StopTraining
 
     try:
         return work()
@@ -113,7 +114,7 @@ def _run_app(command: str, args: list[str]) -> None:
     """Check the command line, lock the run folder it names, then hand Hydra (which parses
     ``sys.argv`` itself) its arguments: a second run into a folder in use stops before Hydra
     rewrites that folder's ``.hydra/`` record."""
-    from capsexp.resume import NothingToDo
+    from capsexp.rundir.resume import NothingToDo
 
     folder = None
     try:

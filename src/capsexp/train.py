@@ -12,29 +12,29 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from capsexp.checkpoint import link_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
-from capsexp.config import flatten, validate
-from capsexp.data import bad_image_count, build_datasets, build_loaders
-from capsexp.drift import probe_images
-from capsexp.assembly import build_loop, seed_everything
-from capsexp.engine import evaluate, train_one_epoch
-from capsexp.loop import EpochStats, Loop, StopTraining, TrainState
-from capsexp.finite import first_nonfinite
-from capsexp.progress import progress_lines
-from capsexp.hparams import MARKED, compared_hparams
-from capsexp.summary import ALARMS, print_summary, summary_metrics
-from capsexp.sweeps import swept_keys_of_this_job
-from capsexp.resume import NothingToDo, check_classes, open_resume
-from capsexp.rundir import environment, output_dir, shown, write_metrics, write_run_record
-from capsexp.runlock import hold_run_folder
+from capsexp.rundir.checkpoint import link_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
+from capsexp.config.validation import flatten, validate
+from capsexp.data.datasets import bad_image_count, build_datasets, build_loaders
+from capsexp.diagnostics.drift import probe_images
+from capsexp.engine.assembly import build_loop, seed_everything
+from capsexp.engine.step import evaluate, train_one_epoch
+from capsexp.engine.loop import EpochStats, Loop, StopTraining, TrainState
+from capsexp.engine.guards import first_nonfinite
+from capsexp.engine.console import progress_lines
+from capsexp.diagnostics.hparams import MARKED, compared_hparams
+from capsexp.diagnostics.summary import ALARMS, print_summary, summary_metrics
+from capsexp.config.naming import routing_iterates, swept_keys_of_this_job
+from capsexp.rundir.resume import NothingToDo, check_classes, open_resume
+from capsexp.rundir.folder import environment, output_dir, shown, write_metrics, write_run_record
+from capsexp.rundir.lock import hold_run_folder
 from capsexp.runtime import Runtime, all_reduce, barrier, setup_runtime, teardown
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Run one experiment into ``run_dir`` (the Hydra output folder by default); return its metrics.
 
-    The folder is locked for the whole run (one run per folder, ``capsexp.runlock``); a resume
-    follows ``capsexp.resume``'s rule, and a complete run is not run again (its metrics returned).
+    The folder is locked for the whole run (one run per folder, ``capsexp.rundir.lock``); a resume
+    follows ``capsexp.rundir.resume``'s rule, and a complete run is not run again (its metrics returned).
     """
     validate(cfg)  # every value checked before data or weights are touched
     run_dir = Path(run_dir) if run_dir is not None else output_dir()
@@ -66,14 +66,14 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     max_steps = int(cfg.trainer.max_steps) if cfg.trainer.max_steps is not None else None
     total_steps = min(s for s in (max_steps, max_epochs and max_epochs * batches) if s)
     show = rt.is_main and (sys.stderr.isatty() if str(cfg.trainer.progress) == "auto" else bool(cfg.trainer.progress))
-    loop = build_loop(cfg, rt, num_classes, total_steps, run_dir, show)  # the run folder is the TensorBoard run
-    loop.lines = progress_lines(cfg.trainer, rt.is_main, total_steps, batches, rt.world_size)
+    lines = progress_lines(cfg.trainer, rt.is_main, total_steps, batches, rt.world_size)
+    probe = probe_images(val_ds, int(cfg.grads.drift.probe_images))
+    # the run folder is the TensorBoard run
+    loop = build_loop(cfg, rt, num_classes, total_steps, run_dir, show, lines=lines, probe=probe)
     state = TrainState()
     if ckpt is not None:
         restore(ckpt, loop, state)
-    probe = int(cfg.grads.drift.probe_images)
-    if loop.monitor is not None and probe > 0:  # the starting Gram matrices, unless the checkpoint had them
-        loop.monitor.start_drift(probe_images(val_ds, probe), loop.model, rt)
+    loop.monitor.start(rt)  # the starting Gram matrices, unless the checkpoint had them
     if rt.is_main:
         if ckpt is None and str(cfg.trainer.resume) == "auto":
             print(f"capsexp: trainer.resume=auto found no checkpoint in {run_dir}; starting at step 0.", flush=True)
@@ -113,8 +113,7 @@ def _epochs(cfg: DictConfig, loop: Loop, state: TrainState, train_loader: DataLo
         poisoned = _poisoned(loop, state, val)  # before anything is saved
         if poisoned is not None:
             return val, poisoned
-        if loop.monitor is not None:
-            loop.monitor.on_validation(state.step, loop.model, loop.rt)
+        loop.monitor.on_validation(state.step, loop.rt)
         improved = val["val/acc"] > state.best_val_acc
         state.best_val_acc = max(state.best_val_acc, val["val/acc"])
         if str(cfg.trainer.checkpoints) != "none":
@@ -202,7 +201,7 @@ def _save(loop: Loop, state: TrainState, cfg: DictConfig, run_dir: Path, num_cla
         "scheduler": loop.scheduler.state_dict(),
         "scaler": loop.scaler.state_dict(),
         "state": state.as_dict(),
-        "monitor": loop.monitor.state_dict() if loop.monitor is not None else {},
+        "monitor": loop.monitor.state_dict(),
         "rng": torch.get_rng_state(),
         "num_classes": num_classes,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -220,8 +219,7 @@ def restore(ckpt: dict[str, Any], loop: Loop, state: TrainState) -> None:
         loop.scaler.load_state_dict(ckpt["scaler"])
     for key, value in ckpt["state"].items():
         setattr(state, key, value)
-    if loop.monitor is not None:
-        loop.monitor.load_state_dict(ckpt.get("monitor", {}))
+    loop.monitor.load_state_dict(ckpt.get("monitor", {}))
     torch.set_rng_state(ckpt["rng"])
 
 
@@ -232,20 +230,29 @@ def _announce(cfg: DictConfig, run_dir: Path, loop: Loop, resumed: bool, state: 
     frozen = ", ".join(monitor.frozen) or "none"
     where = f"resumed at step {state.step}" if resumed else "new run"
     print(f"capsexp: {where} in {shown(run_dir)}\ncapsexp: device {rt.device} ({rt.precision}, world size "
-          f"{rt.world_size}); head={cfg.head.name} adapter={cfg.adapter.name} loss={cfg.loss.name}; "
+          f"{rt.world_size}); head={_head(cfg)} adapter={cfg.adapter.name} loss={cfg.loss.name}; "
           f"{trainable / 1e6:.2f}M trainable parameters; frozen stages: {frozen}", flush=True)
+    if cfg.head.name == "capsule" and not routing_iterates(str(cfg.head.routing.name)):
+        print(f"capsexp: head.routing.iterations does not apply to head.routing.name={cfg.head.routing.name} "
+              f"(it routes once, by construction); the value {cfg.head.routing.iterations} is ignored.", flush=True)
     logger.text("config", "```\n" + resolved + "\n```", state.step)
     logger.text("frozen_stages", f"frozen stages (no gradient tags): {frozen}", state.step)
     logger.gradient_layout([s for s in model.stages() if s not in monitor.frozen])
 
 
+def _head(cfg: DictConfig) -> str:
+    """``fc``, ``fc(pool=max)``, ``capsule(routing=em, 3 iterations)``: the head as the start line names it."""
+    if cfg.head.name == "capsule":
+        name = str(cfg.head.routing.name)
+        return f"capsule(routing={name}" + (f", {cfg.head.routing.iterations} iterations)" if routing_iterates(name) else ")")
+    return "fc" if cfg.head.get("pool", "avg") == "avg" else f"fc(pool={cfg.head.pool})"
+
+
 def _finish(cfg: DictConfig, run_dir: Path, loop: Loop, state: TrainState, val: dict[str, float],
             stop: StopTraining | None, data: dict[str, int]) -> dict[str, Any]:
     """metrics.json, the HParams entry, the gradient table in the terminal."""
-    if loop.monitor is not None:
-        loop.monitor.finish(state.step)
-    grads = loop.monitor.summary() if loop.monitor is not None else {}
-    messages = loop.monitor.alarm_messages if loop.monitor is not None else {}
+    loop.monitor.finish(state.step)
+    grads, messages = loop.monitor.summary(), loop.monitor.alarm_messages
     status = "completed" if stop is None else ("interrupted" if stop.exit_code == 130 else "failed")
     metrics: dict[str, Any] = {
         "val/acc": val.get("val/acc", float("nan")),

@@ -15,11 +15,12 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from capsexp.checkpoint import read_torch_file
+from capsexp.rundir.checkpoint import read_torch_file
 from capsexp.checks import Check, integer, one_of
+from capsexp.models.stages import BACKBONE_STAGES
 from capsexp.errors import UserError
 
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+STAGES = BACKBONE_STAGES  # the backbone's own stages, from the input
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
              "wide_resnet50_2")
 # the names each architecture's torchvision weights enum has (resnet18/34: IMAGENET1K_V1 only);

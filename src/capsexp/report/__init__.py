@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from capsexp.chance import accuracy_meaningless, short_note
+from capsexp.report.chance import accuracy_meaningless, short_note
 from capsexp.errors import UserError
 from capsexp.report.figure import plot, report_figure
 from capsexp.report.runs import Run, find_runs, parse_overrides, read_run

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from capsexp.chance import chance_level
+from capsexp.report.chance import chance_level
 from capsexp.report.runs import Run
 from capsexp.report.table import STAGES
 
@@ -24,7 +24,7 @@ def report_figure(runs: Sequence[Run], rows: Sequence[dict[str, Any]]) -> Any:
     A matplotlib Figure."""
     import matplotlib
 
-    if "matplotlib.pyplot" not in sys.modules:  # headless, as in capsexp.figures; pyplot is never used
+    if "matplotlib.pyplot" not in sys.modules:  # headless, as in capsexp.diagnostics.figures; pyplot is never used
         matplotlib.use("Agg")
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator

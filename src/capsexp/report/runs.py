@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from capsexp.config import flatten
+from capsexp.config.validation import flatten
 
 IGNORED_KEYS = frozenset({"trainer.resume"})  # continuing a run does not make it a different run
 ALARM_PREFIX = "alarm/"  # the text tags alarm/<condition>

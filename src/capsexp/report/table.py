@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from capsexp.report.runs import IGNORED_KEYS, Run
-from capsexp.summary import ALARMS
+from capsexp.diagnostics.summary import ALARMS
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "adapter", "head")
 EARLY_STAGES = ("stem", "layer1")

@@ -17,14 +17,14 @@ import itertools
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-from capsexp.arguments import KNOWN_FLAGS, NO_CHECK_FLAGS, is_hydra_key, split_arguments
+from capsexp.config.argv import KNOWN_FLAGS, NO_CHECK_FLAGS, is_hydra_key, split_arguments
 from capsexp.errors import UserError, user_error_in
-from capsexp.groups import CONFIG_NAMES, command_of_group, config_groups, group_option, group_options
+from capsexp.config.tree import CONFIG_NAMES, command_of_group, config_groups, group_option, group_options
 
 # Hydra runs one of these modes per command
 MODES = {"-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
@@ -65,6 +65,16 @@ def _key_hint(key: str, overrides: list[str], command: str) -> str:
     return f"; did you mean {close[0]}?" if close else f" (to add a new key, write +{key}=...)"
 
 
+# keys that moved, old spelling -> new: the old one gets one sentence naming the new one
+MOVED_KEYS = {"loss.reconstruction_weight": ("head.decoder.weight", "head=capsule")}
+
+
+def override_value(overrides: Sequence[str], key: str) -> str:
+    """The value ``key=value`` gives in ``overrides`` (the last one wins), or ``...``."""
+    values = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == key and "=" in o]
+    return values[-1] if values else "..."
+
+
 def _compose(command: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
     """The config ``overrides`` make of the command's primary config (inside an initialised Hydra),
     or UserError with one sentence."""
@@ -87,6 +97,11 @@ def _compose(command: str, overrides: list[str], with_hydra: bool = False) -> Di
         if found and found.group(1) and "No match in the defaults list" in text:
             raise UserError(f"{found.group(1)} is not a config group; the groups are "
                             f"{', '.join(config_groups(config_name))}.") from None
+        if found and found.group(1) in MOVED_KEYS:
+            key = found.group(1)
+            new, owner = MOVED_KEYS[key]
+            raise UserError(f"{key} is now {new}, an option of {owner}: write {owner} "
+                            f"{new}={override_value(overrides, key)}.") from None
         if found and found.group(1):
             key = found.group(1)
             raise UserError(f"{key} is not a key of this configuration{_key_hint(key, overrides, command)}") from None
@@ -96,7 +111,7 @@ def _compose(command: str, overrides: list[str], with_hydra: bool = False) -> Di
 def _validate(cfg: DictConfig) -> None:
     """``config.validate``; what only the job can resolve (``${hydra:...}``, an environment
     variable set by the launcher) is left to the job."""
-    from capsexp.config import Unresolved, validate
+    from capsexp.config.validation import Unresolved, validate
 
     try:
         validate(cfg)
@@ -278,9 +293,9 @@ def _check_jobs(command: str, fixed: list[str], choices: list[list[str]], valida
 
 
 def _check_run_folder(parsed: list[Any], cfg: DictConfig) -> Path | None:
-    """The taken-folder and resume rules (``capsexp.resume``), before Hydra writes into the folder;
+    """The taken-folder and resume rules (``capsexp.rundir.resume``), before Hydra writes into the folder;
     raises ``NothingToDo`` for a complete run. Returns the folder where the command line names it."""
-    from capsexp.resume import open_resume
+    from capsexp.rundir.resume import open_resume
 
     given = [o.value() for o in parsed if o.key_or_group == "hydra.run.dir"]
     # else the folder is Hydra's to name (a timestamp): the run checks and locks it itself

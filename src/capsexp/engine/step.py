@@ -1,6 +1,6 @@
 """One training step, one training epoch and one evaluation pass.
 
-The loop's contract (``capsexp.loop``) is narrow and typed: ``Loop`` holds what a step needs,
+The loop's contract (``capsexp.engine.loop``) is narrow and typed: ``Loop`` holds what a step needs,
 ``StepConfig`` the few trainer settings it reads, and ``Monitor``/``Logger`` are the two Protocols
 it talks to. Epochs and evaluations return their statistics; ``capsexp.train`` logs the epoch-level ones,
 saves and decides.
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from capsexp.checks import Check, choice, integer, one_of, positive
 from capsexp.errors import UserError
-from capsexp.loop import EpochStats, Loop, StopTraining, TrainState
+from capsexp.engine.loop import EpochStats, Loop, StopTraining, TrainState
 from capsexp.runtime import Runtime, all_reduce, all_reduce_mean, broadcast_buffers
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -104,23 +104,20 @@ def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -
     rt, step = loop.rt, state.step + 1  # ``step``: the TensorBoard x-axis, counted from 1
     images, targets = rt.to_device(images, targets)
     loop.optimizer.zero_grad(set_to_none=True)
-    if loop.monitor is not None:
-        loop.monitor.before_forward(step)
+    measure = loop.monitor.before_forward(step)
     with rt.autocast():
         # a CPU tensor, not a float: a compiled objective guards on a float's value (one compile per
         # new value); reading it back in the eager loss is a host-side read, not a device sync.
         # 0 at the first step, 1 at the last, so annealed losses reach their end value
         progress = torch.tensor(state.step / max(loop.total_steps - 1, 1), dtype=torch.float64)
-        loss, scores, telemetry, visuals = loop.objective(images, targets, progress)
+        loss, scores, telemetry, shown = loop.objective(images, targets, progress, measure)
     loop.scaler.scale(loss).backward()
     loop.scaler.unscale_(loop.optimizer)
     norms, total_norm = _grad_norms(loop.params, rt.device)
     # the one measuring point: after backward and unscaling, before clipping and the step
-    if loop.monitor is not None:
-        loop.monitor.after_backward(step, norms, total_norm, telemetry, visuals)
+    loop.monitor.after_backward(step, norms, total_norm, telemetry, shown)
     updated = _guarded_update(loop, state, loss, total_norm)
-    if loop.monitor is not None:
-        loop.monitor.after_update(step, updated)
+    loop.monitor.after_update(step, updated)
     if not updated:
         zero = torch.zeros((), device=rt.device)
         return zero, zero, 0
@@ -180,7 +177,7 @@ def _skip_update(loop: Loop, state: TrainState) -> None:
 
 
 def _on_nonfinite(loop: Loop, state: TrainState, loss_bad: bool) -> None:
-    from capsexp.gradients import nonfinite_stage
+    from capsexp.diagnostics.gradients import nonfinite_stage
 
     stage = nonfinite_stage(loop.model.stages()) or "none (the loss itself)"
     step = state.step + 1
@@ -211,8 +208,7 @@ def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int) ->
     # islice: not one batch more than this epoch will train on is loaded
     bar = progress_bar(itertools.islice(loader, count), count, f"epoch {state.epoch}", loop.show_progress)
     tick, steps, images_seen, timed_images = None, 0, 0, 0
-    if loop.lines is not None:
-        loop.lines.begin_epoch()
+    loop.lines.begin_epoch()
     for images, targets in bar:
         if tick is None and state.step >= cfg.warmup_steps_excluded:
             rt.synchronize()
@@ -226,8 +222,7 @@ def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int) ->
         if state.step % cfg.log_every_n_steps == 0:
             _log_window(loop, sums, state, bar)
             sums.zero_()
-        if loop.lines is not None:  # host values only: the step count, the last logged loss
-            loop.lines.after_step(state, targets.shape[0])
+        loop.lines.after_step(state, targets.shape[0])  # host values only: the step count, the last loss
         if loop.stop:
             break
     seconds = 0.0
@@ -240,7 +235,7 @@ def train_one_epoch(loop: Loop, loader: Any, state: TrainState, batches: int) ->
     if not loop.stop and state.window[2] > 0:
         _log_window(loop, sums, state, bar)
         state.window = [0.0, 0.0, 0.0]
-    if loop.lines is not None and not loop.stop:
+    if not loop.stop:
         loop.lines.end_epoch(state)
     return EpochStats(steps, images_seen * rt.world_size, seconds, timed_images * rt.world_size,
                       state.last_train_loss)

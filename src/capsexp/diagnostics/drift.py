@@ -2,7 +2,9 @@
 starting weights and under the current ones, measured at every validation.
 
 Only the ``N x N`` centred Gram matrices of the start are kept (they travel in checkpoints, so a
-resumed run measures against the same start); the activations are dropped at once.
+resumed run measures against the same start); the activations are dropped at once. The measure is
+linear CKA (Kornblith et al. 2019, "Similarity of Neural Network Representations Revisited"), as pure
+functions of activations and Gram matrices.
 """
 
 from __future__ import annotations
@@ -12,8 +14,32 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from capsexp.representations import centred_gram, linear_cka
 from capsexp.runtime import Runtime
+
+
+def centred_gram(features: Tensor) -> Tensor:
+    """``H K H`` for ``K = X X^T``: features ``[N, ...]`` flattened to ``[N, D]``, in float64.
+
+    Centring the Gram matrix equals centring each feature over the N examples first
+    (``H X (H X)^T``), which is what linear CKA needs; float64 because the Frobenius products
+    of large Gram matrices lose digits in float32.
+    """
+    x = features.detach().flatten(1).double()
+    x = x - x.mean(dim=0, keepdim=True)
+    return x @ x.T
+
+
+def linear_cka(k: Tensor, l: Tensor) -> float:
+    """Linear CKA from two centred Gram matrices: ``<K, L>_F / (||K||_F ||L||_F)``.
+
+    This is ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``; the ``1/(n-1)^2`` factors of HSIC
+    cancel. 1.0 for the same representation (up to an orthogonal transform and an isotropic
+    scale), near 0 for unrelated ones; nan when either representation is constant.
+    """
+    denominator = torch.linalg.matrix_norm(k) * torch.linalg.matrix_norm(l)
+    if not float(denominator) > 0:
+        return float("nan")
+    return float((k * l).sum() / denominator)
 
 
 def _output_module(stage: nn.Module) -> nn.Module:
@@ -28,7 +54,10 @@ def _as_tensor(output: Any) -> Tensor:
 
 
 def probe_images(dataset: Any, count: int) -> Tensor:
-    """The first ``count`` images of the validation set: fixed, and the same on every rank and resume."""
+    """The first ``count`` images of the validation set: fixed, and the same on every rank and resume
+    (an empty tensor for none: drift off)."""
+    if count <= 0 or len(dataset) == 0:
+        return torch.empty(0)
     return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
 
 

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from capsexp.errors import UserError
-from capsexp.shapes import IMAGENET_MEAN
+from capsexp.data.transforms import IMAGENET_MEAN
 
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 # transparent pixels are laid over the ImageNet mean colour: they normalise to zero, no signal
@@ -43,7 +43,7 @@ class BadImage(UserError):
 
     def __init__(self, message: str) -> None:
         # A DataLoader worker's exception reaches the parent as type(exc)("Caught ... Original
-        # Traceback ... capsexp.imagefolder.BadImage: <sentence>"): keep the sentence, drop the traceback.
+        # Traceback ... capsexp.data.imagefolder.BadImage: <sentence>"): keep the sentence, drop the traceback.
         marker = f"{type(self).__qualname__}: "
         cut = message.rfind(marker)
         super().__init__(message[cut + len(marker):].strip() if cut >= 0 else message)

@@ -89,10 +89,10 @@ class RunLogger:
     def hparams(self, hparams: Mapping[str, Any], differing: Iterable[str], metrics: Mapping[str, float],
                 step: int) -> None:
         """HParams dashboard entry written into this run's own event file (no extra run folder):
-        ``capsexp.hparams`` builds it; the metrics are written as scalars at ``step`` beside it."""
+        ``capsexp.diagnostics.hparams`` builds it; the metrics are written as scalars at ``step`` beside it."""
         if self.writer is None:
             return
-        from capsexp.hparams import hparams_summaries
+        from capsexp.diagnostics.hparams import hparams_summaries
 
         file_writer = self.writer._get_file_writer()
         for summary in hparams_summaries(hparams, metrics, differing):

@@ -5,15 +5,15 @@ restores (``TrainState``) and what an epoch returns (``EpochStats``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from capsexp.models import Classifier
-from capsexp.progress import ProgressLines
+from capsexp.models.classifier import Classifier
+from capsexp.models.heads import NOTHING, Measure
 from capsexp.runtime import Runtime, SignalGuard
 
 
@@ -22,7 +22,7 @@ class StepConfig:
     """The trainer settings a step and an epoch read (already validated)."""
 
     grad_clip: float | None
-    on_nonfinite: str            # one of capsexp.engine.NONFINITE_POLICIES
+    on_nonfinite: str            # one of capsexp.engine.step.NONFINITE_POLICIES
     log_every_n_steps: int
     warmup_steps_excluded: int
 
@@ -34,24 +34,83 @@ class StepConfig:
 
 
 class Logger(Protocol):
-    """Where the loop's values go (``capsexp.logger.RunLogger``; silent on non-main ranks)."""
+    """Where the loop's values go (``capsexp.diagnostics.tensorboard.RunLogger``; silent on non-main ranks)."""
 
     def scalars(self, values: Mapping[str, float], step: int) -> None: ...
     def text(self, tag: str, text: str, step: int) -> None: ...
     def image(self, tag: str, image: np.ndarray | Tensor, step: int, dataformats: str = "CHW") -> None: ...
+    def histogram(self, tag: str, values: Tensor, step: int) -> None: ...
+    def submit(self, work: Callable[[], None], what: str) -> None: ...
+    def gradient_layout(self, stages: list[str]) -> None: ...
+    def hparams(self, hparams: Mapping[str, Any], differing: Iterable[str], metrics: Mapping[str, float],
+                step: int) -> None: ...
     def close(self) -> None: ...
 
 
 class Monitor(Protocol):
-    """Per-step diagnostics (``capsexp.diagnostics.GradientMonitor``); does work only at its intervals.
+    """Per-step diagnostics (``capsexp.diagnostics.monitor.GradientMonitor``); does work only at its
+    intervals. ``NullMonitor`` stands in on ranks that do not log.
 
     ``step`` counts optimizer steps including the current one (the TensorBoard x-axis).
     """
 
-    def before_forward(self, step: int) -> None: ...
+    frozen: list[str]                   # stages without gradients (no gradient tags)
+    alarm_messages: dict[str, str]      # the alarms that fired, by condition
+
+    def before_forward(self, step: int) -> Measure: ...
     def after_backward(self, step: int, grad_norms: dict[int, Tensor], total_norm: Tensor,
-                       telemetry: dict[str, Tensor], visuals: dict[str, Tensor]) -> None: ...
+                       telemetry: dict[str, Tensor], images: dict[str, Tensor]) -> None: ...
     def after_update(self, step: int, updated: bool) -> None: ...
+    def start(self, rt: Runtime) -> None: ...
+    def on_validation(self, step: int, rt: Runtime) -> dict[str, float]: ...
+    def finish(self, step: int) -> None: ...
+    def summary(self) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class NullMonitor:
+    """The monitor of a rank that does not log: measures nothing, keeps nothing."""
+
+    def __init__(self) -> None:
+        self.frozen: list[str] = []
+        self.alarm_messages: dict[str, str] = {}
+
+    def before_forward(self, step: int) -> Measure:
+        return NOTHING
+
+    def after_backward(self, step: int, grad_norms: dict[int, Tensor], total_norm: Tensor,
+                       telemetry: dict[str, Tensor], images: dict[str, Tensor]) -> None:
+        pass
+
+    def after_update(self, step: int, updated: bool) -> None:
+        pass
+
+    def start(self, rt: Runtime) -> None:
+        pass
+
+    def on_validation(self, step: int, rt: Runtime) -> dict[str, float]:
+        return {}
+
+    def finish(self, step: int) -> None:
+        pass
+
+    def summary(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Lines(Protocol):
+    """Progress as log lines (``capsexp.engine.console.ProgressLines``), or nothing (``NoLines``)."""
+
+    def begin_epoch(self) -> None: ...
+    def after_step(self, state: Any, images: int) -> None: ...
+    def end_epoch(self, state: Any) -> None: ...
 
 
 @dataclass
@@ -82,7 +141,7 @@ class StopTraining(Exception):
 
 @dataclass
 class Loop:
-    """What one training step needs; built once by ``capsexp.assembly.build_loop``."""
+    """What one training step needs; built once by ``capsexp.engine.assembly.build_loop``."""
 
     objective: nn.Module                  # what runs (maybe DDP-wrapped, maybe compiled)
     model: Classifier                     # the bare model: stages, state dicts
@@ -94,15 +153,15 @@ class Loop:
     rt: Runtime
     config: StepConfig
     logger: Logger
-    monitor: Monitor | None               # None on non-main ranks
+    monitor: Monitor                      # a NullMonitor on ranks that do not log
     guard: SignalGuard
     total_steps: int
     show_progress: bool
+    lines: Lines                          # progress as log lines, where no terminal shows the bar
     params: list[nn.Parameter] = field(default_factory=list)
     # set when every rank has agreed (in the per-step check) to stop after this step; the loop
     # acts on this, never on its own signal flag, so all ranks leave after the same step
     stop: bool = False
-    lines: ProgressLines | None = None    # progress as log lines, where no terminal shows the bar
 
     def __post_init__(self) -> None:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]

@@ -2,7 +2,7 @@
 
 Every dataset yields ``(image, label)`` with ``image`` a float tensor ``[3, S, S]``
 normalised with the ImageNet statistics the pretrained ResNet50 expects. The shapes live in
-``capsexp.shapes``, image folders in ``capsexp.imagefolder``; the ``data`` group's config
+``capsexp.data.shapes``, image folders in ``capsexp.data.imagefolder``; the ``data`` group's config
 checks are declared here.
 """
 
@@ -17,24 +17,19 @@ import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from capsexp.checks import Check, boolean, choice, integer, nonneg, one_of
 from capsexp.errors import UserError
-from capsexp.imagefolder import bad_image_count, build_imagefolder  # noqa: F401 -- bad_image_count: for callers
-from capsexp.sampling import EpochSampler, SeededSamples
-from capsexp.shapes import IMAGENET_MEAN, IMAGENET_STD, SHAPES_CLASSES, ShapesDataset
+from capsexp.data.imagefolder import bad_image_count, build_imagefolder  # noqa: F401 -- bad_image_count: for callers
+from capsexp.data.sampling import EpochSampler, SeededSamples
+from capsexp.data.catalog import DATASET_NAMES, DATASETS  # noqa: F401 -- DATASET_NAMES: the option registry
+from capsexp.data.shapes import SHAPES_CLASSES, ShapesDataset
+from capsexp.data.transforms import build_transform
 
-DATASET_NAMES = ("shapes", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder")
 MIN_IMAGE_SIZE = 32  # below this the 1x1 feature map's BatchNorm statistics degenerate
 BAD_IMAGE_POLICIES = ("stop", "skip")
-# name -> (torchvision class, human name, grey-scale, horizontal flips make sense)
-_TORCHVISION = {
-    "cifar10": ("CIFAR10", "CIFAR-10", False, True),
-    "cifar100": ("CIFAR100", "CIFAR-100", False, True),
-    "mnist": ("MNIST", "MNIST", True, False),  # a flipped digit is a different glyph
-    "fashion_mnist": ("FashionMNIST", "Fashion-MNIST", True, True),
-}
+# name -> torchvision's class (the rest of each data set's facts: capsexp.data.catalog)
+_TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 CHECKS: list[Check] = [
     ("data.image_size", integer(MIN_IMAGE_SIZE), f"an integer >= {MIN_IMAGE_SIZE} (pixels)"),
@@ -59,28 +54,8 @@ def cross_check(cfg: DictConfig) -> None:
         raise UserError("data.root is not set; point it at the dataset folder, e.g. data.root=/data/x.")
 
 
-def build_transform(name: str, image_size: int, train: bool) -> v2.Compose:
-    """The PIL-to-normalised-tensor pipeline for dataset ``name`` (not used by shapes)."""
-    steps: list[Any] = [v2.ToImage()]
-    if name in _TORCHVISION and _TORCHVISION[name][2]:
-        steps.append(v2.Grayscale(num_output_channels=3))  # the backbone expects RGB
-    if name == "imagefolder":
-        steps += ([v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
-                   v2.RandomHorizontalFlip()] if train else
-                  [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
-    else:
-        steps.append(v2.Resize((image_size, image_size), antialias=True))
-        if train:
-            steps.append(v2.RandomCrop(image_size, padding=max(1, image_size // 8)))
-            if _TORCHVISION.get(name, (None, None, False, False))[3]:
-                steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-              v2.ToPureTensor()]
-    return v2.Compose(steps)
-
-
 def _build_torchvision(cfg: Any, name: str, image_size: int) -> tuple[Dataset, Dataset, int]:
-    cls_name, pretty, _, _ = _TORCHVISION[name]
+    cls_name, pretty = _TORCHVISION[name], DATASETS[name].pretty
     root, download = Path(str(cfg.root)).expanduser(), bool(cfg.download)
     cls = getattr(torchvision.datasets, cls_name)
     try:

@@ -20,9 +20,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from capsexp.arguments import is_hydra_key
+from capsexp.config.argv import is_hydra_key
 from capsexp.errors import UserError
-from capsexp.groups import group_option, group_options
+from capsexp.config.tree import group_option, group_options
 
 # The command line travels to every job through the environment: joblib workers and Slurm jobs
 # (sbatch exports the environment) resolve the folder name in their own process, where sys.argv
@@ -141,7 +141,10 @@ def run_label(cfg: Any) -> str:
     defaults = _default_choices(head)
     parts = [head, str(get("adapter.name"))]
     if head == "capsule":
-        parts.append(f"r{get('head.routing.iterations')}")
+        routing = str(get("head.routing.name"))
+        parts += [routing] if routing != "dynamic" else []
+        if routing_iterates(routing):  # self routing has none to name
+            parts.append(f"r{get('head.routing.iterations')}")
     parts += [str(get(f"{g}.name")) for g in ("loss", "optim") if str(get(f"{g}.name")) != defaults.get(g)]
     backbone = str(get("backbone.name"))
     default_depth = group_option("backbone", backbone).get("freeze_depth", 0) \
@@ -152,12 +155,33 @@ def run_label(cfg: Any) -> str:
     return _UNSAFE.sub("_", "-".join(parts))[:MAX_LABEL_CHARS]
 
 
+def routing_iterates(name: str) -> bool:
+    """Whether ``head.routing.iterations`` applies to the routing ``name`` (unknown names: yes)."""
+    from capsexp.models.routing import ROUTINGS
+
+    return name not in ROUTINGS or ROUTINGS[name].iterations
+
+
+def routings_help() -> str:
+    """The routing table ``capsexp train --help`` ends with: each routing, its default loss and paper."""
+    from capsexp.models.routing import ROUTINGS
+
+    rows = [f"  {name:<10} loss={o.default_loss:<7} {o.summary}" for name, o in ROUTINGS.items()]
+    return ("== Routings of head=capsule (head.routing.name=...) ==\nloss=default (the capsule head's) is the "
+            "routing's own loss; an explicit loss=... wins.\n" + "\n".join(rows))
+
+
+def _routings_help_resolver() -> str:
+    return routings_help()
+
+
 def _run_label_resolver(*, _root_: DictConfig) -> str:
     return run_label(_root_)
 
 
 OmegaConf.register_new_resolver("capsexp_sweep_subdir", _sweep_subdir_resolver, replace=True)
 OmegaConf.register_new_resolver("capsexp_run_label", _run_label_resolver, replace=True)
+OmegaConf.register_new_resolver("capsexp_routings_help", _routings_help_resolver, replace=True)
 
 
 def swept_keys_of_this_job() -> list[str]:

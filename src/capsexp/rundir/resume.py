@@ -22,9 +22,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from capsexp.checkpoint import load_checkpoint, newest_checkpoint
+from capsexp.rundir.checkpoint import load_checkpoint, newest_checkpoint
 from capsexp.errors import UserError
-from capsexp.rundir import METRICS_FILE, refuse_taken_folder
+from capsexp.rundir.folder import METRICS_FILE, refuse_taken_folder
 
 # the keys a resumed run may change, each with its descendants; every other key is the run's
 # meaning (data, model, loss, optimizer and schedule, seed, batch and epoch size, clipping, what

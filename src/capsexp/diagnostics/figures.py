@@ -86,7 +86,7 @@ def gradient_flow_figure(
     """Mean |grad| per layer in depth order, one line per logging step.
 
     ``history`` holds ``(step, {"<stage>.<module path>": mean |grad|})`` pairs,
-    as in :attr:`capsexp.gradients.GradStats.layer_mean_abs`. The y axis is
+    as in :attr:`capsexp.diagnostics.gradients.GradStats.layer_mean_abs`. The y axis is
     logarithmic (zero or non-finite values leave gaps); lines are coloured by
     step with a colour bar. Returns the rendered image as an ``[H, W, 3]``
     uint8 array suitable for ``SummaryWriter.add_image(..., dataformats="HWC")``.

@@ -4,8 +4,7 @@ Every loss module has ``forward(scores [B, C], targets [B], progress) -> 0-d Ten
 ``progress`` in [0, 1] is the fraction of training done. Only the spread loss uses it (its
 margin is annealed); the others ignore it, so the trainer treats all losses alike.
 
-``reconstruction_weight`` is part of every loss config but is applied by the trainer to the
-head's auxiliary loss, not here.
+The reconstruction loss is the capsule head's own (``head.decoder.weight``), not a loss option.
 """
 
 from __future__ import annotations
@@ -17,11 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capsexp.capsules import margin_loss, spread_loss
+from capsexp.models.capsules import margin_loss, spread_loss
 from capsexp.checks import Check, below_one, nonneg, positive
 from capsexp.errors import UserError
 
 _INITIAL_LEARNED_SCALE = 10.0
+# the smallest activation cross-entropy takes the log of: an activation that underflows to 0
+# would give log 0 = -inf and a NaN gradient
+ACTIVATION_FLOOR = 1e-12
 
 
 class ScaledCrossEntropy(nn.Module):
@@ -32,9 +34,10 @@ class ScaledCrossEntropy(nn.Module):
     as its logarithm so that it stays positive under any optimizer step.
     """
 
-    def __init__(self, scale: float | str, label_smoothing: float) -> None:
+    def __init__(self, scale: float | str, label_smoothing: float, activations: bool = False) -> None:
         super().__init__()
         self.label_smoothing = float(label_smoothing)
+        self.activations = bool(activations)
         learned = scale == "learned"
         self.log_scale: nn.Parameter | None = nn.Parameter(
             torch.tensor(math.log(_INITIAL_LEARNED_SCALE))) if learned else None
@@ -46,7 +49,10 @@ class ScaledCrossEntropy(nn.Module):
         return self.log_scale.exp() if self.log_scale is not None else self._fixed_scale
 
     def forward(self, scores: Tensor, targets: Tensor, progress: float = 0.0) -> Tensor:
-        """Cross-entropy of the scaled scores; ``progress`` is ignored."""
+        """Cross-entropy of the scaled scores; ``progress`` is ignored. Activations in (0, 1) (self and
+        EM routing) enter as the log of the normalised activations, as SR-CapsNet has it."""
+        if self.activations:
+            scores = torch.log(scores.clamp_min(ACTIVATION_FLOOR) / scores.sum(-1, keepdim=True).clamp_min(ACTIVATION_FLOOR))
         return F.cross_entropy(
             scores * self.scale, targets.long(), label_smoothing=self.label_smoothing
         )
@@ -83,12 +89,14 @@ class SpreadLoss(nn.Module):
 
 
 # the options of the ``loss`` group: name -> builder from the group config
-LOSSES: dict[str, Callable[[Any], nn.Module]] = {
-    "ce": lambda cfg: ScaledCrossEntropy(scale=cfg["scale"], label_smoothing=cfg["label_smoothing"]),
-    "margin": lambda cfg: MarginLoss(m_plus=cfg["m_plus"], m_minus=cfg["m_minus"], lambda_=cfg["lambda_"]),
-    "spread": lambda cfg: SpreadLoss(m_start=cfg["m_start"], m_end=cfg["m_end"]),
+# (the group config, the head's score kind: "logit", "length" or "activation")
+LOSSES: dict[str, Callable[[Any, str], nn.Module]] = {
+    "ce": lambda cfg, score: ScaledCrossEntropy(scale=cfg["scale"], label_smoothing=cfg["label_smoothing"],
+                                                activations=score == "activation"),
+    "margin": lambda cfg, score: MarginLoss(m_plus=cfg["m_plus"], m_minus=cfg["m_minus"], lambda_=cfg["lambda_"]),
+    "spread": lambda cfg, score: SpreadLoss(m_start=cfg["m_start"], m_end=cfg["m_end"]),
 }
-CHECKS: list[Check] = [("loss.reconstruction_weight", nonneg, "a number >= 0")]
+CHECKS: list[Check] = []
 OPTION_CHECKS: dict[str, list[Check]] = {
     "margin": [("loss.m_plus", nonneg, "a number >= 0"), ("loss.m_minus", nonneg, "a number >= 0"),
                ("loss.lambda_", nonneg, "a number >= 0")],
@@ -103,6 +111,7 @@ def cross_check(cfg: Any) -> None:
         raise UserError(f"loss.m_minus={cfg.loss.m_minus} must be below loss.m_plus={cfg.loss.m_plus}.")
 
 
-def build_loss(cfg: Any) -> nn.Module:
-    """Build the loss module described by the ``loss`` config group (already validated)."""
-    return LOSSES[cfg["name"]](cfg)
+def build_loss(cfg: Any, score: str = "logit") -> nn.Module:
+    """Build the loss module described by the ``loss`` config group (already validated), for a head
+    whose class scores are of kind ``score`` (``capsexp.models.classifier.score_kind``)."""
+    return LOSSES[cfg["name"]](cfg, score)

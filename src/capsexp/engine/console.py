@@ -83,10 +83,23 @@ class ProgressLines:
         self._window, self._printed_step = (now, self._images), state.step
 
 
+class NoLines:
+    """No progress lines: a terminal shows the bar, progress is off, or this rank does not print."""
+
+    def begin_epoch(self) -> None:
+        pass
+
+    def after_step(self, state: Any, images: int) -> None:
+        pass
+
+    def end_epoch(self, state: Any) -> None:
+        pass
+
+
 def progress_lines(trainer: Any, is_main: bool, total_steps: int, batches: int,
-                   world_size: int) -> ProgressLines | None:
+                   world_size: int) -> ProgressLines | NoLines:
     """The line printer when ``trainer.progress=auto`` and stderr is not a terminal (main rank only)."""
     if not is_main or str(trainer.progress) != "auto" or sys.stderr.isatty():
-        return None
+        return NoLines()
     epochs = max(math.ceil(total_steps / max(batches, 1)), 1)
     return ProgressLines(int(trainer.progress_every_n_steps), total_steps, epochs, world_size)

@@ -7,7 +7,7 @@ Tags (a public interface, read by ``capsexp report``): ``grad_norm/<stage>``, ``
 ``grad_map/features``, ``grad_flow`` and ``stage_profile``, ``drift/<stage>`` (at validations),
 ``grad_hist/<stage>`` and the texts ``alarm/<condition>``.
 
-The measures are pure functions (``capsexp.gradients``, ``capsexp.representations``, ``capsexp.alarms``);
+The measures are pure functions (``capsexp.diagnostics.gradients``, ``capsexp.diagnostics.drift``, ``capsexp.diagnostics.alarms``);
 this module decides when they run, and nothing is copied or measured between logging steps.
 """
 
@@ -19,18 +19,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from capsexp.alarms import AlarmEvent, ExplosionAlarm, NotLearningAlarm, VanishingAlarm
+from capsexp.diagnostics.alarms import AlarmEvent, ExplosionAlarm, NotLearningAlarm, VanishingAlarm
 from capsexp.checks import Check, boolean, integer, positive
-from capsexp.drift import DriftProbe
-from capsexp.features import FeatureGradient
-from capsexp.gradients import (GradStats, frozen_stages, gradient_stats, parameter_layout, snapshot,
+from capsexp.diagnostics.drift import DriftProbe
+from capsexp.diagnostics.features import FeatureGradient
+from capsexp.diagnostics.gradients import (GradStats, frozen_stages, gradient_stats, parameter_layout, snapshot,
                                trainable_stages, update_stats)
-from capsexp.models import STAGES, Classifier
+from capsexp.diagnostics.tensorboard import RunLogger
+from capsexp.models.classifier import Classifier
+from capsexp.models.heads import Measure
+from capsexp.models.stages import STAGES
 from capsexp.runtime import Runtime
-from capsexp.summary import RunHistory
+from capsexp.diagnostics.summary import RunHistory
 
 FLOW_LINES = 8  # logging steps drawn in one gradient-flow figure
 ALARM_STAGES = STAGES[:-1]  # the head is the reference the early stages are compared with
@@ -61,15 +64,15 @@ CHECKS: list[Check] = [
 class GradientMonitor:
     """Called by the step before forward, after backward (and unscaling) and after the update."""
 
-    def __init__(self, grads_cfg: Any, telemetry_every: int, logger: Any, model: Classifier,
-                 total_steps: int) -> None:
+    def __init__(self, grads_cfg: DictConfig, logger: RunLogger, model: Classifier, total_steps: int,
+                 probe: Tensor) -> None:
+        """``probe``: the fixed images drift is measured on (empty: no drift)."""
         self.cfg = grads_cfg
         self.every = int(grads_cfg.log_every_n_steps)
-        self.telemetry_every = telemetry_every
         self.total_steps = total_steps
+        self.model = model
         self.logger = logger
         self.stages = model.stages()
-        self.head = model.head
         self.frozen = frozen_stages(self.stages)
         self.features = FeatureGradient(model.backbone)
         alarm = grads_cfg.alarm
@@ -80,7 +83,7 @@ class GradientMonitor:
         self.alarm_messages: dict[str, str] = {}
         self.history = RunHistory()
         self.flow: list[tuple[int, dict[str, float]]] = []
-        self.drift: DriftProbe | None = None
+        self.drift = DriftProbe(probe, {name: self.stages[name] for name in trainable_stages(self.stages)})
         self._before: list[Tensor] | None = None  # weights before this logging step's update
 
     def _due(self, step: int, every: int) -> bool:
@@ -98,15 +101,20 @@ class GradientMonitor:
         next_figure = min(-(-step // every) * every, self.total_steps)
         return next_figure - step < FLOW_LINES * self.every
 
-    def before_forward(self, step: int) -> None:
-        """On logging steps only: a hook that keeps dL/dF of the backbone's output (removed once read)."""
-        if self._logging(step):
+    def before_forward(self, step: int) -> Measure:
+        """On logging steps only: a hook that keeps dL/dF of the backbone's output (removed once read).
+        Returns what the head should compute for this step: telemetry on logging steps, images on
+        figure steps."""
+        logging = self._logging(step)
+        if logging:
             self.features.arm()
+        return Measure(telemetry=logging, images=self._due(step, int(self.cfg.figure_every_n_steps)))
 
     def after_backward(self, step: int, grad_norms: dict[int, Tensor], total_norm: Tensor,
-                       telemetry: dict[str, Tensor], visuals: dict[str, Tensor]) -> None:
+                       telemetry: dict[str, Tensor], images: dict[str, Tensor]) -> None:
         """``grad_norms``: per-parameter gradient norms and ``total_norm`` their total (the clipping
-        norm), both computed by the step; ``telemetry`` and ``visuals``: what the head returned."""
+        norm), both computed by the step; ``telemetry`` and ``images``: what the head returned for
+        the ``Measure`` that ``before_forward`` asked for."""
         if self._logging(step):
             stats = gradient_stats(self.stages, per_layer=bool(self.cfg.per_layer), mean_abs=self._flow_needs(step),
                                    grad_norms=grad_norms, total_norm=total_norm)
@@ -119,9 +127,9 @@ class GradientMonitor:
                     self.logger.histogram(f"grad_hist/{name}", torch.cat(grads), step)
         if self._due(step, int(self.cfg.figure_every_n_steps)):
             self._log_figures(step)
-            for tag, grid in self.head.images(visuals).items():
+            for tag, grid in images.items():
                 self.logger.image(tag, grid, step)
-        if telemetry and self._due(step, self.telemetry_every):
+        if telemetry:
             values = torch.stack([v.float() for v in telemetry.values()]).tolist()  # one sync
             self.logger.scalars(dict(zip(telemetry, values)), step)
 
@@ -181,7 +189,7 @@ class GradientMonitor:
     def _log_figures(self, step: int) -> None:
         """``grad_flow`` (the last logging steps, layer by layer) and ``stage_profile`` (every logging
         step so far, stage by stage), drawn from host values on the logger's thread."""
-        from capsexp.figures import gradient_flow_figure, stage_profile_figure
+        from capsexp.diagnostics.figures import gradient_flow_figure, stage_profile_figure
 
         flow, profile = list(self.flow), self.history.series("grad_norm/", STAGES)
         if flow:
@@ -192,17 +200,14 @@ class GradientMonitor:
             self.logger.submit(lambda: self.logger.image("stage_profile", stage_profile_figure(profile), step,
                                                          dataformats="HWC"), f"the stage_profile figure at step {step}")
 
-    def start_drift(self, images: Tensor, model: Classifier, rt: Runtime) -> None:
-        """The probe set and the starting Gram matrices (skipped when a checkpoint brought them)."""
-        stages = {name: self.stages[name] for name in trainable_stages(self.stages)}
-        self.drift = self.drift or DriftProbe(images, stages)
-        self.drift.images = images
-        if not self.drift.reference:
-            self.drift.start(model, rt)
+    def start(self, rt: Runtime) -> None:
+        """The starting Gram matrices of the drift probe (kept when a checkpoint brought them)."""
+        if len(self.drift.images) and not self.drift.reference:
+            self.drift.start(self.model, rt)
 
-    def on_validation(self, step: int, model: Classifier, rt: Runtime) -> dict[str, float]:
+    def on_validation(self, step: int, rt: Runtime) -> dict[str, float]:
         """``drift/<stage>`` after a validation; returns the values logged."""
-        values = self.drift.measure(model, rt) if self.drift is not None else {}
+        values = self.drift.measure(self.model, rt)
         if values:
             self.logger.scalars(values, step)
             self.history.last_drift = values
@@ -225,19 +230,17 @@ class GradientMonitor:
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history.state_dict(), "alarm_messages": self.alarm_messages,
                 "alarms_fired": [k for k, a in self.alarms.items() if a.fired],
-                "drift": self.drift.state_dict() if self.drift is not None else {}}
+                "drift": self.drift.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history.load_state_dict(state.get("history", {}))
         self.alarm_messages = dict(state.get("alarm_messages", {}))
         for name in state.get("alarms_fired", []):
             self.alarms[name].fired = True
-        if state.get("drift"):
-            self.drift = DriftProbe(torch.empty(0), {n: self.stages[n] for n in trainable_stages(self.stages)})
-            self.drift.load_state_dict(state["drift"])
+        self.drift.load_state_dict(state.get("drift", {}))
 
 
 def _map_image(position_map: np.ndarray) -> np.ndarray:
-    from capsexp.figures import position_map_figure
+    from capsexp.diagnostics.figures import position_map_figure
 
     return position_map_figure(position_map, "per-position |dL/dF|, batch mean")

@@ -21,12 +21,11 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from capsexp.data.catalog import SHAPES_CLASSES
+from capsexp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 log = logging.getLogger(__name__)
 
-# the statistics the pretrained ResNet50 expects; every dataset in capsexp.data is normalised with them
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-SHAPES_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "arrow")
 
 # Bump whenever the renderer or the file layout changes, so stale cache files are never reused.
 # 2: the file holds the SHA-256 of its pixels.

@@ -15,7 +15,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from capsexp.gradients import GradStats
+from capsexp.diagnostics.gradients import GradStats
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import math
 import statistics
 from typing import Any
 
-from capsexp.gradients import median_over_run
+from capsexp.diagnostics.gradients import median_over_run
 
 
 class RunHistory:

@@ -1,6 +1,6 @@
 """Is what a run would save finite? The model's weights and buffers and the optimizer's state.
 
-Gradients are checked at every step (``capsexp.engine``); what they cannot see is checked here,
+Gradients are checked at every step (``capsexp.engine.step``); what they cannot see is checked here,
 at every validation and before every checkpoint: BatchNorm's running statistics, which a
 diverging run can drive to infinity while every gradient stays finite, and weights or optimizer
 moments that overflowed in an update. A checkpoint with a non-finite value is never written.

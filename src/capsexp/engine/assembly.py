@@ -12,14 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
-from capsexp.diagnostics import GradientMonitor
-from capsexp.loop import Loop, StepConfig
-from capsexp.objective import Objective
-from capsexp.logger import RunLogger
-from capsexp.losses import build_loss
-from capsexp.models import build_model
-from capsexp.optim import build_optimizer, build_scheduler, param_groups
+from capsexp.diagnostics.monitor import GradientMonitor
+from capsexp.engine.console import NoLines
+from capsexp.engine.loop import Lines, Loop, Monitor, NullMonitor, StepConfig
+from capsexp.models.objective import Objective
+from capsexp.diagnostics.tensorboard import RunLogger
+from capsexp.models.losses import build_loss
+from capsexp.models.classifier import build_model, score_kind
+from capsexp.engine.optim import build_optimizer, build_scheduler, param_groups
 from capsexp.runtime import Runtime, SignalGuard, prepare_model
 
 
@@ -30,20 +32,24 @@ def seed_everything(seed: int) -> None:
 
 
 def build_loop(cfg: DictConfig, rt: Runtime, num_classes: int, total_steps: int, log_dir: Path | None,
-               show_progress: bool) -> Loop:
-    """Model, loss, optimizer, schedule, scaler, logger and diagnostics (on the main rank)."""
+               show_progress: bool, lines: Lines | None = None, probe: Tensor | None = None) -> Loop:
+    """Model, loss, optimizer, schedule, scaler, logger and diagnostics (on the main rank).
+
+    ``lines``: progress as log lines (none by default); ``probe``: the fixed images drift is
+    measured on (none by default)."""
     model = build_model(cfg, num_classes)
-    criterion = build_loss(cfg.loss)
-    objective = Objective(model, criterion, float(cfg.loss.reconstruction_weight))
+    criterion = build_loss(cfg.loss, score_kind(cfg.head))
+    objective = Objective(model, criterion)
     runnable, evaluator, objective = prepare_model(objective, rt, bool(cfg.trainer.compile))
     model = objective.model
     groups = param_groups(model, criterion, cfg.optim, pretrained=cfg.backbone.weights is not None)
     optimizer = build_optimizer(cfg.optim, groups)
     scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
     logger = RunLogger(log_dir if rt.is_main else None)
-    monitor = GradientMonitor(cfg.grads, int(cfg.trainer.log_every_n_steps), logger, model, total_steps) \
-        if rt.is_main else None
+    monitor: Monitor = GradientMonitor(cfg.grads, logger, model, total_steps,
+                                       probe if probe is not None else torch.empty(0)) \
+        if rt.is_main else NullMonitor()
     return Loop(objective=runnable, model=model, evaluator=evaluator, criterion=criterion, optimizer=optimizer,
                 scheduler=scheduler, scaler=rt.grad_scaler(), rt=rt, config=StepConfig.from_config(cfg.trainer),
                 logger=logger, monitor=monitor, guard=SignalGuard(), total_steps=total_steps,
-                show_progress=show_progress)
+                show_progress=show_progress, lines=lines if lines is not None else NoLines())

@@ -10,14 +10,23 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-from capsexp import data, diagnostics, engine, fits, losses, optim, runtime
+from capsexp import runtime
+from capsexp.config import feasibility as fits
+from capsexp.data import datasets as data
+from capsexp.diagnostics import monitor as diagnostics
+from capsexp.engine import optim
+from capsexp.engine import step as engine
+from capsexp.models import losses
 from capsexp.checks import Check, one_of
 from capsexp.errors import UserError, user_error_in
-from capsexp.models import HEADS, adapters, backbone
-from capsexp.sweeps import LABEL_ALLOWED, valid_label
+from capsexp.models import adapters, backbone
+from capsexp.config.tree import group_option
+from capsexp.models import capsule_head
+from capsexp.models.classifier import HEADS, default_loss
+from capsexp.config.naming import LABEL_ALLOWED, valid_label
 
 GROUPS = ("backbone", "adapter", "head", "loss", "data", "optim", "trainer", "grads")
 # the module that reads each group with options (its registry names the options)
@@ -31,6 +40,8 @@ OPTION_SOURCES: dict[str, tuple[ModuleType | None, dict[str, Any]]] = {
 }
 # modules whose checks hold whatever option is chosen, in the order a user reads the config
 SOURCES: tuple[ModuleType, ...] = (engine, backbone, data, optim, runtime, diagnostics, losses, adapters, fits)
+# modules with a cross_check only (their keys' checks come with their option, e.g. head=capsule's)
+CROSS_ONLY: tuple[ModuleType, ...] = (capsule_head,)
 
 
 class Unresolved(UserError):
@@ -90,19 +101,31 @@ def _resolve_all(cfg: DictConfig) -> None:
                          f"a plain value.") from None
 
 
+def resolve_default_loss(cfg: DictConfig) -> None:
+    """``loss=default`` becomes the head's own loss (for a capsule head, its routing's), with that
+    loss's settings as its YAML file has them; in place, so the run records the loss it used."""
+    if OmegaConf.select(cfg, "loss.name") != "default":
+        return
+    name = default_loss(cfg.head)
+    with open_dict(cfg):
+        cfg.loss = group_option("loss", name)
+
+
 def validate(cfg: DictConfig) -> None:
-    """Raise ``UserError`` on the first value that is wrong, with the key, the value and what is allowed."""
+    """Raise ``UserError`` on the first value that is wrong, with the key, the value and what is allowed.
+    ``loss=default`` is resolved to the head's loss first (``resolve_default_loss``)."""
     missing = [k for k in GROUPS if k not in cfg]
     if missing:
         raise UserError(f"the config has no '{missing[0]}' group; compose it from capsexp's conf/ folder.")
     _resolve_all(cfg)
+    resolve_default_loss(cfg)
     for key, ok, allowed in checks_for(cfg):
         value = _get(cfg, key)
         if value == "<absent>":
             raise UserError(f"{key} is missing from the config; it must be {allowed}.")
         if not ok(value):
             raise UserError(f"{key}={value!r} is not allowed; it must be {allowed}.")
-    for module in dict.fromkeys((*SOURCES, *(m for m, _ in OPTION_SOURCES.values() if m is not None))):
+    for module in dict.fromkeys((*SOURCES, *(m for m, _ in OPTION_SOURCES.values() if m is not None), *CROSS_ONLY)):
         cross = getattr(module, "cross_check", None)
         if cross is not None:
             cross(cfg)
