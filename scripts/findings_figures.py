@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from capsexp.report.table import STAGES  # noqa: E402  (stem to head, as capsexp report orders them)
+from capsexp.models.stages import STAGES  # noqa: E402  (stem to head, as capsexp report orders them)
 GRAD_MAP_RUNS = {"FC head": "grid128_fc/*_adapter=none,optim=adamw,seed=0",
                  "capsule head (3 iterations)": "grid128_capsule/*_adapter=none,head.routing.iterations=3,optim=adamw,seed=0"}
 DRIFT_RUNS = {"fc, none, 128 px": "grid128_fc/*_adapter=none,optim=adamw,seed=0",

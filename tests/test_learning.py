@@ -130,7 +130,7 @@ def test_the_features_gradient_is_autograd_of_the_loss_on_the_feature_map() -> N
     (expected,) = torch.autograd.grad(loss, kept[0], retain_graph=True)
     loss.backward()
     captured = probe.take()
-    assert captured is not None and kept[0].shape[1:] == (2048, 2, 2)
+    assert captured is not None and kept[0].shape[1:] == (model.backbone.out_channels, 2, 2)
     torch.testing.assert_close(captured.norm, expected.norm())
     torch.testing.assert_close(captured.position_map, expected.square().sum(1).sqrt().mean(0))
     assert feature_gradient(expected).position_map.shape == (2, 2)

@@ -65,7 +65,7 @@ def read_csv(path: Path) -> dict[str, dict[str, str]]:
 
 def test_a_run_folder_says_what_the_run_is(named_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     folder, proc = named_run
-    assert re.fullmatch(r"\d\d-\d\d-\d\d-\d{6}_capsule-conv-r3", folder.name), folder.name
+    assert re.fullmatch(r"\d\d-\d\d-\d\d-\d{6}_capsule-conv-r3-resnet18", folder.name), folder.name  # resnet18: the tests' backbone
     assert f"new run in outputs/runs/{folder.parent.name}/{folder.name}\n" in proc.stdout
     assert list(folder.glob(EVENTS)) and not (folder / "tb").exists()
 

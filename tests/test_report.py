@@ -107,7 +107,7 @@ def test_report_compares_the_sweep(sweep: Path, tmp_path: Path) -> None:
     proc = run_cli("report", str(sweep), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    assert lines[0].split()[:4] == ["run", "status", "steps", "best"]
+    assert lines[0].split()[:4] == ["run", "routing", "status", "steps"]
     assert any(line.startswith("head=fc ") for line in lines)
     assert any(line.startswith("head=capsule ") for line in lines)
     rows = {row["run"]: row for row in read_csv(sweep / "report.csv")}
@@ -115,10 +115,11 @@ def test_report_compares_the_sweep(sweep: Path, tmp_path: Path) -> None:
     for label, row in rows.items():
         metrics = json.loads((sweep / row["folder"] / "metrics.json").read_text())
         assert row["status"] == "completed" and row["head"] == label.split("=")[1] and row["steps"] == "4"
+        assert row["routing"] == {"fc": "(fc avg)", "capsule": "dynamic-r3"}[row["head"]]
         assert math.isclose(float(row["grad_norm/layer1"]), metrics["grad_norm/layer1"], rel_tol=1e-6)
         assert float(row["early/head"]) > 0 and row["grad_norm/adapter"] == ""  # adapter=none
     markdown = (sweep / "report.md").read_text()
-    assert "| head=capsule | completed |" in markdown and "report.png" in markdown
+    assert "| head=capsule | dynamic-r3 | completed |" in markdown and "report.png" in markdown
     check_png(sweep / "report.png")
 
 

@@ -12,7 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from capsexp.config.validation import validate
+from capsexp.config.validation import resolve_default_loss, validate
 from capsexp.config.naming import MAX_SUBDIR_CHARS, sweep_subdir, swept_keys
 from conftest import TINY, run_cli
 
@@ -117,17 +117,25 @@ def test_experiment_preset_sweeps_what_it_documents(name: str) -> None:
     grid = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
     assert len(grid) == GRID_SIZES[name]
     for job in grid:  # every job of the grid composes and passes validation
-        job_cfg = compose_hydra(f"experiment={name}", "backbone.weights=IMAGENET1K_V2", *job)
-        validate(job_cfg)
+        # the presets are about the seed's ResNet50 (its weights name is resnet50's)
+        job_cfg = compose_hydra(f"experiment={name}", "backbone=resnet50", "backbone.weights=IMAGENET1K_V2", *job)
+        validate(job_cfg)  # resolves loss=default: the capsule head's routing's own loss
         assert job_cfg.loss.name == ("margin" if job_cfg.head.name == "capsule" else "ce")
     # and the command-line check, which composes the preset's sweep itself, lets it through
     from capsexp.config.overrides import check_command_line
 
-    check_command_line("train", ["-m", f"experiment={name}", "backbone.weights=IMAGENET1K_V2", "data.image_size=32"])
+    check_command_line("train", ["-m", f"experiment={name}", "backbone=resnet50", "backbone.weights=IMAGENET1K_V2",
+                                 "data.image_size=32"])
 
 
 def test_capsule_presets_keep_the_capsule_default_loss_unless_given() -> None:
-    assert compose_hydra("experiment=routing_sweep").loss.name == "margin"
+    routing_sweep = compose_hydra("experiment=routing_sweep")
+    assert routing_sweep.loss.name == "default"  # the capsule head's own: its routing's loss, resolved by validate
+    resolve_default_loss(routing_sweep)
+    assert routing_sweep.loss.name == "margin"
+    em = compose_hydra("experiment=routing_sweep", "head.routing.name=em")
+    resolve_default_loss(em)
+    assert em.loss.name == "spread" and em.loss.m_start == 0.2
     assert compose_hydra("experiment=routing_sweep", "loss=ce").loss.name == "ce"
     assert compose_hydra("experiment=fc_vs_capsule", "head=capsule", "loss=spread").loss.name == "spread"
 

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from capsexp.train import train
@@ -37,7 +38,7 @@ def test_gradient_tags_are_in_the_event_files(capsule_run: Path) -> None:
     assert {f"grad_to_weight/{s}" for s in trained} <= scalars
     assert not any("stem" in t for t in scalars if t.startswith("grad"))
     layers = [t for t in scalars if t.startswith("grad_layer/")]
-    assert "grad_layer/layer1.0.conv1" in layers and "grad_layer/head.class_caps" in layers
+    assert "grad_layer/layer1.0.conv1" in layers and "grad_layer/head.routing.class_caps" in layers
     # a "grad_norm" filter finds the stage tags only: the per-layer tags are named apart
     assert not any(t.startswith("grad_norm_layer/") for t in scalars)
     assert "grad_rel_head/layer1" in scalars and "grad_rel_head/head" not in scalars  # no flat line at 1
@@ -84,7 +85,7 @@ def test_mean_abs_gradients_are_measured_only_for_the_next_flow_figure() -> None
     cfg = make_cfg("backbone=resnet18", "grads.log_every_n_steps=10", "grads.figure_every_n_steps=100",
                    "grads.histogram_every_n_steps=0", "trainer.log_every_n_steps=10")
     model = build_model(cfg, num_classes=8)  # no gradients yet: they count as zero
-    monitor = GradientMonitor(cfg.grads, 10, RunLogger(None), model, total_steps=200)
+    monitor = GradientMonitor(cfg.grads, RunLogger(None), model, 200, torch.empty(0))
     measured, drawn = [], {}
     for step in range(10, 210, 10):
         monitor.after_backward(step, {}, None, {}, {})

@@ -276,8 +276,8 @@ def time_rows(cfgs: list[DictConfig], rt: Runtime, classes: int, tb_dir: Path) -
         for which in range(len(cfgs)):
             memory.skip_warmup()  # this block's peak only
             run(which, count, timed=True)
-            peak = memory.peak_mb()
-            peaks[which] = peak if peaks[which] is None or peak is None else max(peaks[which], peak)
+            peak, previous = memory.peak_mb(), peaks[which]
+            peaks[which] = peak if previous is None or peak is None else max(previous, peak)
     enabled = [i for i, c in enumerate(cfgs) if c.grads.enabled]
     drift = time_drift(loop, states[enabled[0]].step, cfgs[enabled[0]], rt) if enabled else NO_DRIFT
     loop.logger.close()
@@ -417,7 +417,7 @@ def _align(text: str, width: int) -> str:
 def format_markdown(report: dict[str, Any]) -> str:
     """The bench as a Markdown table under a line saying where and how it ran (for a README)."""
     columns = [c for c in COLUMNS if c[2] is not None]
-    lines = [f"{report['setup']}.", "", "| " + " | ".join(c[2] for c in columns) + " |",
+    lines = [f"{report['setup']}.", "", "| " + " | ".join(t for _, _, t, _, _ in columns if t is not None) + " |",
              "|" + "|".join("---" if width < 0 else "---:" for _, width, *_ in columns) + "|"]
     lines += ["| " + " | ".join(_cell(r[key], spec, "–") for *_, key, spec in columns) + " |" for r in report["rows"]]
     lines += ["", f"Peak MB: {report['memory']}. Drift: {report['drift']}."]

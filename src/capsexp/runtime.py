@@ -16,7 +16,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ContextManager, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -201,8 +201,11 @@ def setup_runtime(trainer_cfg: Any) -> Runtime:
     return Runtime(device, dtype, channels_last, rank, world_size, local_rank)
 
 
-def prepare_model(model: nn.Module, rt: Runtime, compile_model: bool
-                  ) -> tuple[nn.Module, nn.Module, nn.Module]:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def prepare_model(model: ModuleT, rt: Runtime, compile_model: bool
+                  ) -> tuple[nn.Module, nn.Module, ModuleT]:
     """Move, format, wrap: returns ``(runnable, evaluator, bare)``.
 
     The bare model is what gets saved and inspected; the evaluator is the runnable without the
@@ -219,11 +222,12 @@ def prepare_model(model: nn.Module, rt: Runtime, compile_model: bool
         # no device_ids: inputs are already on this rank's device (Runtime.to_device), and DDP
         # would otherwise also copy the step's CPU-side ``progress`` scalar to the GPU
         runnable = DistributedDataParallel(model, device_ids=None)
+    # torch.compile of a Module returns an OptimizedModule; its stubs only promise a callable
     if compile_model:
-        runnable = torch.compile(runnable)
+        runnable = cast(nn.Module, torch.compile(runnable))
     evaluator = runnable
     if rt.distributed:
-        evaluator = torch.compile(model) if compile_model else model
+        evaluator = cast(nn.Module, torch.compile(model)) if compile_model else model
     return runnable, evaluator, model
 
 

@@ -6,7 +6,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from capsexp.rundir.checkpoint import link_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
 from capsexp.config.validation import flatten, validate
 from capsexp.data.datasets import bad_image_count, build_datasets, build_loaders
+from capsexp.data.sampling import EpochSampler
 from capsexp.diagnostics.drift import probe_images
 from capsexp.engine.assembly import build_loop, seed_everything
 from capsexp.engine.step import evaluate, train_one_epoch
@@ -97,7 +98,9 @@ def _epochs(cfg: DictConfig, loop: Loop, state: TrainState, train_loader: DataLo
     """The epoch loop: train, validate, checkpoint; returns the last validation metrics."""
     val: dict[str, float] = {}
     while state.step < total_steps and (max_epochs is None or state.epoch < max_epochs):
-        train_loader.sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * int(cfg.data.batch_size))
+        # build_loaders gives the loader an EpochSampler; DataLoader.sampler is typed as any iterable
+        cast(EpochSampler, train_loader.sampler).set_epoch(state.epoch,
+                                                           skip=state.batch_in_epoch * int(cfg.data.batch_size))
         try:
             _keep(state, train_one_epoch(loop, train_loader, state, batches))
         except StopTraining as exc:  # weights may be poisoned: keep the last good checkpoint as it is

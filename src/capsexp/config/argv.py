@@ -67,7 +67,7 @@ def strip_command_from_completion_line(commands: Collection[str]) -> None:
     ``COMP_LINE``; drop the command word so Hydra sees only overrides there."""
     line = os.environ.get("COMP_LINE")
     words = line.split(" ") if line else []
-    if len(words) > 1 and words[1] in commands:
+    if line and len(words) > 1 and words[1] in commands:
         cut = len(words[1]) + 1
         os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
         point = int(os.environ.get("COMP_POINT", len(line)))

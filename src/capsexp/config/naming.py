@@ -93,8 +93,9 @@ def _sweep_subdir_resolver(job_num: Any, *, _root_: DictConfig) -> str:
         command_line = json.loads(os.environ[COMMAND_LINE_ENV])
     except (KeyError, ValueError):
         command_line = sys.argv[1:]
-    keys = swept_keys(command_line if isinstance(command_line, list) else [],
-                      OmegaConf.to_container(params) if params is not None else {})
+    sweep = OmegaConf.to_container(params) if params is not None else {}
+    assert isinstance(sweep, dict)  # hydra.sweeper.params is a mapping in every Hydra sweeper's schema
+    keys = swept_keys(command_line if isinstance(command_line, list) else [], {str(k): v for k, v in sweep.items()})
     return sweep_subdir(list(task) if task is not None else [], keys, job_num)
 
 
@@ -111,7 +112,9 @@ def valid_label(value: Any) -> bool:
 def _default_choices(head: str) -> dict[str, str]:
     """The option each group gets when nobody chooses one: ``conf/config.yaml``'s defaults list, as
     the head's own file overrides it (the capsule head makes ``loss=margin`` its default)."""
-    sources = [OmegaConf.load(str(resources.files("capsexp.conf").joinpath("config.yaml")))]
+    primary = OmegaConf.load(str(resources.files("capsexp.conf").joinpath("config.yaml")))
+    assert isinstance(primary, DictConfig)  # every file in conf/ is a mapping, as Hydra requires
+    sources = [primary]
     if head in group_options("head"):
         sources.append(group_option("head", head))
     choices: dict[str, str] = {}
@@ -188,7 +191,9 @@ def swept_keys_of_this_job() -> list[str]:
     """The keys this Hydra job's sweep varies (none outside a sweep, or outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode.name != "MULTIRUN":
+    # hydra.mode is optional in Hydra's schema (a config composed outside a Hydra app leaves it unset)
+    mode = HydraConfig.get().mode if HydraConfig.initialized() else None
+    if mode is None or mode.name != "MULTIRUN":
         return []
     try:
         command_line = json.loads(os.environ[COMMAND_LINE_ENV])

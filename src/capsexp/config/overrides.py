@@ -17,7 +17,7 @@ import itertools
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
@@ -37,7 +37,7 @@ def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
         return [prefix[:-1]] if prefix else []
     out: list[str] = []
     for key in cfg.keys():
-        out += _dotted_keys(cfg._get_node(key), f"{prefix}{key}.")
+        out += _dotted_keys(cfg._get_node(key), f"{prefix}{key!s}.")
     return out
 
 
@@ -219,7 +219,11 @@ def check_command_line(command: str, args: Sequence[str]) -> Path | None:
 def _pop_run_dir(cfg: DictConfig) -> Any:
     """Remove Hydra's node, as ``compose(return_hydra_config=False)`` does, and return the raw
     (unresolved) ``hydra.run.dir``: one composition serves the job's checks and the folder's."""
-    raw = OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir") if "hydra" in cfg else None
+    raw = None
+    if "hydra" in cfg:
+        run = OmegaConf.to_container(cfg.hydra.run, resolve=False)
+        assert isinstance(run, dict)  # hydra.run is a mapping in Hydra's schema (RunDir)
+        raw = run.get("dir")
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return raw
@@ -285,7 +289,7 @@ def _check_jobs(command: str, fixed: list[str], choices: list[list[str]], valida
         except UserError as exc:
             where = f"in the job with {', '.join(swept)}: " if swept else ""
             raise UserError(f"{where}{exc}") from None
-        if single:
+        if single and folder_of is not None:  # single implies folder_of is set
             folder = _check_run_folder(folder_of, cfg)
             if folder is None:
                 _check_writable_root(run_dir)

@@ -32,7 +32,9 @@ def group_options(group: str) -> list[str]:
 
 def group_option(group: str, option: str) -> DictConfig:
     """The file of one option of a config group, as written (its own defaults list not applied)."""
-    return OmegaConf.load(str(_conf().joinpath(group, f"{option}.yaml")))
+    cfg = OmegaConf.load(str(_conf().joinpath(group, f"{option}.yaml")))
+    assert isinstance(cfg, DictConfig)  # every file in conf/ is a mapping, as Hydra requires
+    return cfg
 
 
 @lru_cache(maxsize=None)
@@ -40,7 +42,9 @@ def config_groups(config_name: str) -> tuple[str, ...]:
     """The groups a primary config composes: its defaults list and those of the configs it includes
     (``- config`` in ``bench.yaml``); Hydra's own groups aside."""
     groups: set[str] = set()
-    for entry in OmegaConf.load(str(_conf().joinpath(f"{config_name}.yaml"))).get("defaults", []):
+    primary = OmegaConf.load(str(_conf().joinpath(f"{config_name}.yaml")))
+    assert isinstance(primary, DictConfig)  # every file in conf/ is a mapping, as Hydra requires
+    for entry in primary.get("defaults", []):
         if isinstance(entry, str):  # another primary config, or _self_
             if entry != "_self_":
                 groups |= set(config_groups(entry))

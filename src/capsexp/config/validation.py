@@ -7,6 +7,7 @@ the command-line check and ``train(cfg)`` give the same one-sentence errors.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from types import ModuleType
 from typing import Any
 
@@ -30,7 +31,7 @@ from capsexp.config.naming import LABEL_ALLOWED, valid_label
 
 GROUPS = ("backbone", "adapter", "head", "loss", "data", "optim", "trainer", "grads")
 # the module that reads each group with options (its registry names the options)
-OPTION_SOURCES: dict[str, tuple[ModuleType | None, dict[str, Any]]] = {
+OPTION_SOURCES: dict[str, tuple[ModuleType | None, Collection[str]]] = {
     "backbone": (backbone, backbone.BACKBONES),
     "adapter": (adapters, adapters.ADAPTERS),
     "head": (None, HEADS),
@@ -71,8 +72,10 @@ def _option_checks(cfg: DictConfig) -> list[Check]:
         if name not in registry:
             raise UserError(f"{group}.name={name!r} is not allowed; it must be {one_of(registry)} "
                             f"(choose one with {group}=<option>).")
-        per_option = registry[name].checks if module is None else getattr(module, "OPTION_CHECKS", {})
-        checks += per_option if module is None else per_option.get(name, [])
+        if module is None:  # the head group (its registry is HEADS): its options carry their own checks
+            checks += HEADS[name].checks
+        else:
+            checks += getattr(module, "OPTION_CHECKS", {}).get(name, [])
     return checks
 
 
@@ -89,7 +92,8 @@ def checks_for(cfg: DictConfig) -> list[Check]:
 def _resolve_all(cfg: DictConfig) -> None:
     """Every interpolation resolves, or one sentence names the key whose value does not."""
     try:  # Hydra's own node resolves only inside a running job (hydra.job.num), and Hydra checks it itself
-        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+        keys = [k for k in cfg if isinstance(k, str) and k != "hydra"]
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
     except InterpolationResolutionError as exc:
         cause = user_error_in(exc)  # a preset's required value (capsexp_required) says itself what is wrong
         if cause is not None:

@@ -1,0 +1,1 @@
+"""Data: the data sets capsexp reads, their transforms, the image folder reader, resumable sampling."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sized, cast
 
 import torch
 import torchvision
@@ -104,8 +104,9 @@ def build_loaders(cfg: Any, train_ds: Dataset, val_ds: Dataset, *, seed: int, pi
     # more worker processes than usable cores only adds contention (and torch's warning); the
     # batches are the same with any number of workers, so capping them changes no result
     batch_size, num_workers = int(cfg.batch_size), min(int(cfg.num_workers), _usable_cores())
-    train_sampler = EpochSampler(len(train_ds), True, seed, rank, world_size, keyed=True)
-    val_sampler = EpochSampler(len(val_ds), False, seed, rank, world_size, pad=False)
+    # map-style datasets have a length, which torch's Dataset base class does not declare
+    train_sampler = EpochSampler(len(cast(Sized, train_ds)), True, seed, rank, world_size, keyed=True)
+    val_sampler = EpochSampler(len(cast(Sized, val_ds)), False, seed, rank, world_size, pad=False)
     if len(train_sampler) < batch_size:
         where = " per process" if world_size > 1 else ""
         raise UserError(f"data.batch_size ({batch_size}) exceeds the training set ({len(train_sampler)} "

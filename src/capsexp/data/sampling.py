@@ -9,7 +9,7 @@ and flip whatever the number of loader workers, the rank, or where the run was r
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sized, cast
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -67,10 +67,11 @@ class SeededSamples(Dataset):
         self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        # a map-style dataset has a length, which torch's Dataset base class does not declare
+        return len(cast(Sized, self.dataset))
 
     def __getitem__(self, key: int):  # noqa: ANN204 - whatever the wrapped dataset returns
-        epoch, index = divmod(int(key), len(self.dataset))
+        epoch, index = divmod(int(key), len(cast(Sized, self.dataset)))
         generator = torch.default_generator
         state = generator.get_state()
         generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63)

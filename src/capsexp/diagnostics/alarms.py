@@ -14,8 +14,15 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Protocol
 
 from capsexp.diagnostics.gradients import GradStats
+
+
+class Alarm(Protocol):
+    """What every alarm shares: it fires once, and a resumed run can mark it as fired."""
+
+    fired: bool
 
 
 @dataclass(frozen=True)

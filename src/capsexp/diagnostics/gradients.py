@@ -104,7 +104,7 @@ def _segment_indices(
     )
 
 
-def _norms(tensors: list[torch.Tensor], order: int, device: torch.device) -> torch.Tensor:
+def _norms(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], order: int, device: torch.device) -> torch.Tensor:
     """Norm of every tensor in one batched call, stacked on ``device`` as float32."""
     # At least float32 accumulation, so the squares of half-precision values cannot overflow;
     # float64 tensors keep float64 (the norm refuses to narrow a dtype), only the result is rounded.
@@ -204,13 +204,13 @@ def parameter_layout(stages: Mapping[str, nn.Module]) -> tuple[dict[str, list[nn
     return layers, list(dict.fromkeys(key.split(".", 1)[0] for key in layers))
 
 
-def snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
+def snapshot(params: list[nn.Parameter]) -> tuple[torch.Tensor, ...]:
     """Copies of the parameters' values (one batched copy), to diff against after the step."""
     return torch._foreach_mul([p.detach() for p in params], 1.0)
 
 
-def update_stats(stages: Mapping[str, nn.Module], before: list[torch.Tensor], per_layer: bool = True,
-                 extra: list[torch.Tensor] | None = None) -> UpdateStats:
+def update_stats(stages: Mapping[str, nn.Module], before: list[torch.Tensor] | tuple[torch.Tensor, ...],
+                 per_layer: bool = True, extra: list[torch.Tensor] | None = None) -> UpdateStats:
     """Update/weight ratios of the step just taken, from ``before = snapshot(params)``.
 
     The real step, whatever the optimizer did (momentum, Adam's normalisation, weight decay,

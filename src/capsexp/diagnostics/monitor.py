@@ -22,13 +22,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from capsexp.diagnostics.alarms import AlarmEvent, ExplosionAlarm, NotLearningAlarm, VanishingAlarm
+from capsexp.diagnostics.alarms import Alarm, AlarmEvent, ExplosionAlarm, NotLearningAlarm, VanishingAlarm
 from capsexp.checks import Check, boolean, integer, positive
 from capsexp.diagnostics.drift import DriftProbe
 from capsexp.diagnostics.features import FeatureGradient
 from capsexp.diagnostics.gradients import (GradStats, frozen_stages, gradient_stats, parameter_layout, snapshot,
                                trainable_stages, update_stats)
-from capsexp.diagnostics.tensorboard import RunLogger
+from capsexp.diagnostics.tensorboard import Logger
 from capsexp.models.classifier import Classifier
 from capsexp.models.heads import Measure
 from capsexp.models.stages import STAGES
@@ -64,7 +64,7 @@ CHECKS: list[Check] = [
 class GradientMonitor:
     """Called by the step before forward, after backward (and unscaling) and after the update."""
 
-    def __init__(self, grads_cfg: DictConfig, logger: RunLogger, model: Classifier, total_steps: int,
+    def __init__(self, grads_cfg: DictConfig, logger: Logger, model: Classifier, total_steps: int,
                  probe: Tensor) -> None:
         """``probe``: the fixed images drift is measured on (empty: no drift)."""
         self.cfg = grads_cfg
@@ -77,14 +77,17 @@ class GradientMonitor:
         self.features = FeatureGradient(model.backbone)
         alarm = grads_cfg.alarm
         early, patience = list(alarm.early_stages), int(alarm.patience)
-        self.alarms = {"vanishing_gradients": VanishingAlarm(early, float(alarm.ratio), patience),
-                       "not_learning": NotLearningAlarm(early, float(alarm.update_ratio), patience),
-                       "exploding": ExplosionAlarm(float(alarm.max_update_ratio), float(alarm.grad_jump))}
+        self._vanishing = VanishingAlarm(early, float(alarm.ratio), patience)
+        self._not_learning = NotLearningAlarm(early, float(alarm.update_ratio), patience)
+        self._exploding = ExplosionAlarm(float(alarm.max_update_ratio), float(alarm.grad_jump))
+        self.alarms: dict[str, Alarm] = {"vanishing_gradients": self._vanishing,
+                                         "not_learning": self._not_learning,
+                                         "exploding": self._exploding}
         self.alarm_messages: dict[str, str] = {}
         self.history = RunHistory()
         self.flow: list[tuple[int, dict[str, float]]] = []
         self.drift = DriftProbe(probe, {name: self.stages[name] for name in trainable_stages(self.stages)})
-        self._before: list[Tensor] | None = None  # weights before this logging step's update
+        self._before: tuple[Tensor, ...] | None = None  # weights before this logging step's update
 
     def _due(self, step: int, every: int) -> bool:
         return every > 0 and step % every == 0
@@ -154,8 +157,8 @@ class GradientMonitor:
         self.logger.submit(lambda: self.logger.scalars(values, step), f"update ratios at step {step}")
         self.history.add(step, {k: v for k, v in values.items()
                                 if k.startswith("update_to_weight/") or k == "grad_norm/features"})
-        self._fire(self.alarms["not_learning"].update(stats.stage_ratio, step), "not_learning")
-        self._fire(self.alarms["exploding"].update_updates(stats.stage_ratio, step), "exploding")
+        self._fire(self._not_learning.update(stats.stage_ratio, step), "not_learning")
+        self._fire(self._exploding.update_updates(stats.stage_ratio, step), "exploding")
 
     def _log_stats(self, step: int, stats: GradStats) -> None:
         values: dict[str, float] = {"grad_norm/total": stats.total}
@@ -176,8 +179,8 @@ class GradientMonitor:
                          {"grad_norm/total": stats.total})
         if stats.layer_mean_abs:
             self.flow = (self.flow + [(step, stats.layer_mean_abs)])[-FLOW_LINES:]
-        self._fire(self.alarms["vanishing_gradients"].update(stats, step), "vanishing_gradients")
-        self._fire(self.alarms["exploding"].update_grads(stats.stage_norm, step), "exploding")
+        self._fire(self._vanishing.update(stats, step), "vanishing_gradients")
+        self._fire(self._exploding.update_grads(stats.stage_norm, step), "exploding")
 
     def _fire(self, event: AlarmEvent | None, condition: str) -> None:
         if event is None:

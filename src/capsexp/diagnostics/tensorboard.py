@@ -8,10 +8,25 @@ from __future__ import annotations
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 from torch import Tensor
+
+
+class Logger(Protocol):
+    """Where the loop's and the monitor's values go: the engine contract's logger (``RunLogger`` below;
+    ``RunLogger(None)`` is silent, for ranks that do not log)."""
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None: ...
+    def text(self, tag: str, text: str, step: int) -> None: ...
+    def image(self, tag: str, image: np.ndarray | Tensor, step: int, dataformats: str = "CHW") -> None: ...
+    def histogram(self, tag: str, values: Tensor, step: int) -> None: ...
+    def submit(self, work: Callable[[], None], what: str) -> None: ...
+    def gradient_layout(self, stages: list[str]) -> None: ...
+    def hparams(self, hparams: Mapping[str, Any], differing: Iterable[str], metrics: Mapping[str, float],
+                step: int) -> None: ...
+    def close(self) -> None: ...
 
 
 class RunLogger:

@@ -5,14 +5,14 @@ restores (``TrainState``) and what an epoch returns (``EpochStats``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from capsexp.models.classifier import Classifier
+from capsexp.diagnostics.tensorboard import Logger  # noqa: F401 -- part of the loop's contract
 from capsexp.models.heads import NOTHING, Measure
 from capsexp.runtime import Runtime, SignalGuard
 
@@ -31,20 +31,6 @@ class StepConfig:
         clip = trainer.grad_clip
         return cls(None if clip is None else float(clip), str(trainer.on_nonfinite),
                    int(trainer.log_every_n_steps), int(trainer.warmup_steps_excluded))
-
-
-class Logger(Protocol):
-    """Where the loop's values go (``capsexp.diagnostics.tensorboard.RunLogger``; silent on non-main ranks)."""
-
-    def scalars(self, values: Mapping[str, float], step: int) -> None: ...
-    def text(self, tag: str, text: str, step: int) -> None: ...
-    def image(self, tag: str, image: np.ndarray | Tensor, step: int, dataformats: str = "CHW") -> None: ...
-    def histogram(self, tag: str, values: Tensor, step: int) -> None: ...
-    def submit(self, work: Callable[[], None], what: str) -> None: ...
-    def gradient_layout(self, stages: list[str]) -> None: ...
-    def hparams(self, hparams: Mapping[str, Any], differing: Iterable[str], metrics: Mapping[str, float],
-                step: int) -> None: ...
-    def close(self) -> None: ...
 
 
 class Monitor(Protocol):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -11,6 +11,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LinearLR, LRScheduler, SequentialLR
 
 from capsexp.checks import Check, boolean, choice, integer, nonneg, one_of, positive, unit
+
+if TYPE_CHECKING:
+    from capsexp.models.classifier import Classifier
 
 
 def _sgd(cfg: Any, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -43,7 +46,7 @@ def backbone_lr_scale(cfg: Any, pretrained: bool) -> float:
     return float(cfg.backbone_lr_scale)
 
 
-def param_groups(model: nn.Module, extra: nn.Module, cfg: Any, pretrained: bool) -> list[dict[str, Any]]:
+def param_groups(model: Classifier, extra: nn.Module, cfg: Any, pretrained: bool) -> list[dict[str, Any]]:
     """Backbone at ``lr x backbone_lr_scale``, adapter + head (+ a learned loss scale) at ``lr``.
 
     Biases and normalisation weights (1-d tensors) get no weight decay, as usual in fine-tuning.

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from capsexp.checks import Check, choice, integer, one_of, positive
@@ -55,7 +56,7 @@ def progress_bar(iterable: Iterable, total: int, desc: str, enabled: bool) -> It
 
 
 @torch.no_grad()
-def evaluate(objective: nn.Module, loader: Iterable, rt: Runtime, limit: int | None,
+def evaluate(objective: nn.Module, loader: DataLoader, rt: Runtime, limit: int | None,
              show_progress: bool) -> dict[str, float]:
     """Mean loss and accuracy over the validation set (over all ranks' samples under DDP).
 
@@ -91,7 +92,7 @@ def _grad_norms(params: list[nn.Parameter], device: torch.device) -> tuple[dict[
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad:
         return {}, torch.zeros((), device=device)
-    norms = torch._foreach_norm([p.grad for p in with_grad])
+    norms = torch._foreach_norm([p.grad for p in with_grad if p.grad is not None])  # all of with_grad
     return {id(p): n for p, n in zip(with_grad, norms)}, torch.linalg.vector_norm(torch.stack(norms))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torchvision
@@ -78,7 +78,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.arch = arch
         # what the architecture's own classifier reads: 512 for resnet18/34, 2048 for the others
-        self.out_channels = int(resnet.fc.in_features)
+        self.out_channels = int(cast(nn.Linear, resnet.fc).in_features)
         for name, child in resnet.named_children():
             if name not in ("avgpool", "fc"):
                 self.add_module(name, child)

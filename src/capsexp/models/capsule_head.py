@@ -12,7 +12,7 @@ Layout (Sabour et al. 2017, adapted to a ResNet feature map instead of a 9x9 con
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torchvision.utils import make_grid
 
 from capsexp.checks import Check, boolean, choice, integer, nonneg, one_of, positive
 from capsexp.errors import UserError
+from capsexp.models.capsule_layers import PrimaryCapsules
 from capsexp.models.capsules import coupling_entropy
 from capsexp.models.routing import CHECKS as ROUTING_CHECKS
 from capsexp.models.routing import LOSSES_FOR_SCORE, POSE, ROUTINGS
@@ -71,11 +72,14 @@ class CapsuleHead(Head):
         super().__init__()
         self.num_classes = int(num_classes)
         self.routing_name = str(cfg["routing"]["name"])
-        self.routing = ROUTINGS[self.routing_name].build(cfg, in_channels, tuple(feature_size), self.num_classes)
+        self.routing = ROUTINGS[self.routing_name].build(cfg, in_channels, (*feature_size,), self.num_classes)
         decoder = cfg["decoder"]
         self.image_size = int(decoder["image_size"])
         self.auxiliary_weight = float(decoder["weight"])
         self.decoder: nn.Sequential | None = None
+        if self.auxiliary_weight > 0 and self.routing_name == "self":
+            raise ValueError("head.decoder.weight > 0 needs class-capsule poses, which head.routing.name=self "
+                             "does not compute; set head.decoder.weight=0 or choose dynamic, attention or em.")
         if self.auxiliary_weight > 0:  # the decoder exists only when its loss counts
             width = self.num_classes * int(cfg["class_dim"] if self.routing_name != "em" else POSE * POSE)
             self.decoder = _decoder(width, list(decoder["hidden"]), 3 * self.image_size**2)
@@ -83,7 +87,8 @@ class CapsuleHead(Head):
     @property
     def input_capsules(self) -> int | None:
         primary = self.routing.primary
-        return int(getattr(primary, "pose", primary).num_capsules)
+        # every routing's primary capsules are a PrimaryCapsules, or hold one as ``pose``
+        return int(cast(PrimaryCapsules, getattr(primary, "pose", primary)).num_capsules)
 
     @classmethod
     def from_config(cls, cfg_head: Any, in_channels: int, feature_size: tuple[int, int],
@@ -100,11 +105,12 @@ class CapsuleHead(Head):
         """
         routed = self.routing(x, measure.telemetry)
         extras = {} if routed.capsules is None else {"v": routed.capsules}
-        if routed.couplings is not None and routed.presence is not None:
+        if routed.couplings is not None:
             with torch.no_grad():
                 # reduced now, so no [iterations, B, I, J] tensor outlives this forward (with 1000
                 # classes at 224 px that would be gigabytes held until the next step)
                 extras["coupling_entropy"] = torch.stack([coupling_entropy(c) for c in routed.couplings])
+        if routed.presence is not None:
             extras["presence"] = routed.presence
         return HeadOutput(routed.scores, extras)
 
@@ -139,8 +145,10 @@ class CapsuleHead(Head):
     def telemetry(self, out: HeadOutput, targets: Tensor) -> dict[str, Tensor]:
         """Routing and capsule diagnostics, as detached 0-d tensors.
 
-        ``capsule/inactive_input_fraction`` counts primary capsules shorter than
-        ``INACTIVE_LENGTH`` (0.05).
+        ``capsule/inactive_input_fraction`` counts primary capsules shorter than ``INACTIVE_LENGTH``
+        (0.05), or with an activation below it (self and EM routing); attention routing has none.
+        ``capsule/true_class_length`` and ``other_class_length`` are the class scores: lengths,
+        activations or logits, whichever the routing's score is.
         """
         out_ = {
             f"capsule/coupling_entropy/iter{k + 1}": h
@@ -151,10 +159,9 @@ class CapsuleHead(Head):
         out_["capsule/true_class_length"] = (lengths * is_true).sum() / is_true.sum()
         others = 1.0 - is_true
         out_["capsule/other_class_length"] = (lengths * others).sum() / others.sum().clamp_min(1)
-        inactive = (out.extras["presence"] < INACTIVE_LENGTH).float()
-        out_["capsule/inactive_input_fraction"] = inactive.mean()
+        if "presence" in out.extras:  # lengths or activations; attention's LayerNorm'd capsules have none
+            out_["capsule/inactive_input_fraction"] = (out.extras["presence"] < INACTIVE_LENGTH).float().mean()
         return out_
-
 
 
 @torch.no_grad()

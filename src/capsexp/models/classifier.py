@@ -8,7 +8,7 @@ from typing import Any, Callable, NamedTuple
 from torch import Tensor, nn
 
 from capsexp.errors import UserError
-from capsexp.models.adapters import build_adapter
+from capsexp.models.adapters import Adapter, build_adapter
 from capsexp.checks import Check
 from capsexp.models.backbone import Backbone, build_backbone, feature_size, load_weights
 from capsexp.models.capsule_head import CHECKS as CAPSULE_CHECKS
@@ -58,7 +58,7 @@ def default_loss(cfg_head: Any) -> str:
 class Classifier(nn.Module):
     """``head(adapter(backbone(x)))``; every head returns a ``HeadOutput`` (scores ``[B, num_classes]``)."""
 
-    def __init__(self, backbone: Backbone, adapter: nn.Module, head: Head) -> None:
+    def __init__(self, backbone: Backbone, adapter: Adapter, head: Head) -> None:
         super().__init__()
         self.backbone = backbone
         self.adapter = adapter

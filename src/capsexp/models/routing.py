@@ -39,8 +39,9 @@ class Routed(NamedTuple):
 def _primary(cfg: Any, in_channels: int, feature_size: tuple[int, int], dim: int | None = None,
              bias: bool = True, norm: bool = False) -> PrimaryCapsules:
     p = cfg["primary"]
+    # a bias before BatchNorm does nothing (training subtracts the batch mean): none there
     return PrimaryCapsules(in_channels, feature_size, int(p["types"]), int(dim or p["dim"]), int(p["kernel_size"]),
-                           int(p["stride"]), bool(p["pooled"]), bias=bias, norm=norm)
+                           int(p["stride"]), bool(p["pooled"]), bias=bias and not norm, norm=norm)
 
 
 class DynamicRouting(nn.Module):
@@ -81,7 +82,8 @@ class AttentionRouting(nn.Module):
         self.class_caps = ClassCapsules(inputs, self.primary.types, num_classes, dim, self.primary.dim, std,
                                         bool(cfg["share_weights"]))
         self.norm = nn.LayerNorm(dim)
-        self.score = nn.Linear(dim, 1)  # shared by every class capsule
+        # shared by every class capsule; no bias: a shift common to all classes means nothing to a softmax
+        self.score = nn.Linear(dim, 1, bias=False)
 
     def forward(self, x: Tensor, measure: bool) -> Routed:
         u = self.primary_norm(self.primary(x))
@@ -90,7 +92,8 @@ class AttentionRouting(nn.Module):
             v = attention_routing(u_hat, self.iterations, norm=self.norm)
             return Routed(self.score(v).squeeze(-1), v, None, None)
         v, c = attention_routing(u_hat, self.iterations, norm=self.norm, return_couplings=True)
-        return Routed(self.score(v).squeeze(-1), v, c, capsule_length(u.detach()))
+        # a LayerNorm'd capsule has length about sqrt(d) whatever it says: no presence to measure
+        return Routed(self.score(v).squeeze(-1), v, c, None)
 
 
 class _PoseAndActivation(nn.Module):

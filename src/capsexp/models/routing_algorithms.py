@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,15 @@ EM_VARIANCE_EPS = 1e-8
 EM_LAMBDA_DECAY = 0.95
 
 
+@overload
+def dynamic_routing(u_hat: Tensor, iterations: int, detach: bool = ..., logit_scale: float = ...,
+                    return_couplings: Literal[False] = ...) -> Tensor: ...
+@overload
+def dynamic_routing(u_hat: Tensor, iterations: int, detach: bool = ..., logit_scale: float = ..., *,
+                    return_couplings: Literal[True]) -> tuple[Tensor, Tensor]: ...
+@overload
+def dynamic_routing(u_hat: Tensor, iterations: int, detach: bool = ..., logit_scale: float = ...,
+                    return_couplings: bool = ...) -> Tensor | tuple[Tensor, Tensor]: ...
 def dynamic_routing(
     u_hat: Tensor,
     iterations: int,
@@ -114,6 +124,15 @@ def _common_dtype(*tensors: Tensor) -> torch.dtype:
     return _routing_dtype(dtype)
 
 
+@overload
+def attention_routing(u_hat: Tensor, iterations: int, norm: Callable[[Tensor], Tensor] | None = ...,
+                      return_couplings: Literal[False] = ...) -> Tensor: ...
+@overload
+def attention_routing(u_hat: Tensor, iterations: int, norm: Callable[[Tensor], Tensor] | None = ..., *,
+                      return_couplings: Literal[True]) -> tuple[Tensor, Tensor]: ...
+@overload
+def attention_routing(u_hat: Tensor, iterations: int, norm: Callable[[Tensor], Tensor] | None = ...,
+                      return_couplings: bool = ...) -> Tensor | tuple[Tensor, Tensor]: ...
 def attention_routing(
     u_hat: Tensor,
     iterations: int,
@@ -187,6 +206,15 @@ def attention_routing(
     return v
 
 
+@overload
+def self_routing(pose: Tensor, a: Tensor, weight: Tensor, bias: Tensor,
+                 return_couplings: Literal[False] = ...) -> Tensor: ...
+@overload
+def self_routing(pose: Tensor, a: Tensor, weight: Tensor, bias: Tensor,
+                 return_couplings: Literal[True]) -> tuple[Tensor, Tensor]: ...
+@overload
+def self_routing(pose: Tensor, a: Tensor, weight: Tensor, bias: Tensor,
+                 return_couplings: bool = ...) -> Tensor | tuple[Tensor, Tensor]: ...
 def self_routing(
     pose: Tensor,
     a: Tensor,
@@ -249,6 +277,16 @@ def self_routing(
     return a_out
 
 
+@overload
+def em_routing(votes: Tensor, a_in: Tensor, beta_u: Tensor, beta_a: Tensor, iterations: int,
+               final_lambda: float = ..., return_couplings: Literal[False] = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def em_routing(votes: Tensor, a_in: Tensor, beta_u: Tensor, beta_a: Tensor, iterations: int,
+               final_lambda: float = ..., *, return_couplings: Literal[True]) -> tuple[Tensor, Tensor, Tensor]: ...
+@overload
+def em_routing(votes: Tensor, a_in: Tensor, beta_u: Tensor, beta_a: Tensor, iterations: int,
+               final_lambda: float = ..., return_couplings: bool = ...
+               ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]: ...
 def em_routing(
     votes: Tensor,
     a_in: Tensor,

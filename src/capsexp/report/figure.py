@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from capsexp.report.chance import chance_level
 from capsexp.report.runs import Run
-from capsexp.report.table import STAGES
+from capsexp.models.stages import STAGES
 
 
 def plot(runs: Sequence[Run], rows: Sequence[dict[str, Any]], path: Path) -> None:

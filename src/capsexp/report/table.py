@@ -17,12 +17,13 @@ from typing import Any, Sequence
 
 from capsexp.report.runs import IGNORED_KEYS, Run
 from capsexp.diagnostics.summary import ALARMS
+from capsexp.models.stages import STAGES
 
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "adapter", "head")
+# a run that predates metrics.json's early/head: the alarm's default early stages
 EARLY_STAGES = ("stem", "layer1")
 RUNNING = "running/crashed"
 ENTROPY_TAG = "capsule/coupling_entropy/iter"
-TEXT_COLUMNS = frozenset({"run", "status", "alarms", "alarm"})
+TEXT_COLUMNS = frozenset({"run", "routing", "status", "alarms", "alarm"})
 # what the seed table summarises of each group of runs that differ only by their seed
 SEED_KEYS = ("best_val_acc", "early/head", "update_to_weight/stem", "update_to_weight/layer1", "drift/stem",
              "drift/layer1")
@@ -91,6 +92,11 @@ def _series(run: Run, tag: str) -> list[float]:
     return [v for _, v in run.scalars.get(tag, []) if math.isfinite(v)]
 
 
+def _last(run: Run, tag: str) -> float | None:
+    values = _series(run, tag)
+    return values[-1] if values else None
+
+
 def _median(run: Run, tag: str) -> float | None:
     values = _series(run, tag)
     return statistics.median(values) if values else None
@@ -105,9 +111,10 @@ def early_to_head(run: Run, grads: dict[str, float | None]) -> float | None:
     ratios = [r for r in ratios if math.isfinite(r)]
     if ratios:
         return statistics.median(ratios)
-    present = [grads[s] for s in EARLY_STAGES if grads[s] is not None]
-    if present and grads["head"]:
-        return math.sqrt(sum(v * v for v in present)) / grads["head"]
+    present = [v for s in EARLY_STAGES if (v := grads[s]) is not None]
+    head_norm = grads["head"]
+    if present and head_norm:
+        return math.sqrt(sum(v * v for v in present)) / head_norm
     return None
 
 
@@ -120,29 +127,38 @@ def summarize(run: Run) -> dict[str, Any]:
     fired = [name for name in ALARMS if m.get(f"alarm/{name}")]
     alarm = "; ".join(str(m[f"alarm/{name}"]) for name in fired) or run.alarm
     return {
+        "routing": routing_label(run),
         "status": str(m.get("status", "completed")) if run.metrics is not None else RUNNING,
         "steps": None if (n := _finite(m.get("steps"), steps)) is None else int(n),
         "best_val_acc": _finite(m.get("best/val/acc"), max(val, default=None)),
         "final_val_acc": _finite(m.get("val/acc"), val[-1] if val else None),
-        "images_per_sec": _finite(m.get("images_per_sec"),
-                                  (_series(run, "throughput/images_per_sec") or [None])[-1]),
+        "images_per_sec": _finite(m.get("images_per_sec"), _last(run, "throughput/images_per_sec")),
         **{f"grad_norm/{s}": v for s, v in grads.items()},
-        "early/head": early_to_head(run, grads),
+        "early/head": _finite(m.get("early/head"), early_to_head(run, grads)),
         **{f"update_to_weight/{s}": _finite(m.get(f"update_to_weight/{s}"), _median(run, f"update_to_weight/{s}"))
            for s in STAGES},
-        **{f"drift/{s}": _finite(m.get(f"drift/{s}"), (_series(run, f"drift/{s}") or [None])[-1]) for s in STAGES},
+        **{f"drift/{s}": _finite(m.get(f"drift/{s}"), _last(run, f"drift/{s}")) for s in STAGES},
         **coupling_entropy(run),
         "alarms": ",".join(fired) or ("yes" if run.alarm else ""),
         "alarm": str(alarm) if alarm else "",
     }
 
 
+def routing_label(run: Run) -> str:
+    """``dynamic-r3``, ``em-r2``, ``self`` for a capsule head; ``(fc avg)``, ``(fc max)`` for an FC head."""
+    head = setting(run, "head") or "?"
+    if head == "capsule":
+        routing = setting(run, "head.routing.name") or "dynamic"  # runs before the routing registry
+        iterations = setting(run, "head.routing.iterations")
+        return routing + (f"-r{iterations}" if routing != "self" and iterations else "")
+    return f"({head} {setting(run, 'head.pool') or 'avg'})"
+
+
 def coupling_entropy(run: Run) -> dict[str, float | None]:
     """``entropy/iter<k>``: the last logged coupling entropy of each routing iteration (capsule
     runs), beside ``log J``: uniform coupling over the J classes, what routing starts from."""
     tags = sorted((t for t in run.scalars if t.startswith(ENTROPY_TAG)), key=lambda t: int(t[len(ENTROPY_TAG):]))
-    out: dict[str, float | None] = {f"entropy/iter{t[len(ENTROPY_TAG):]}": (_series(run, t) or [None])[-1]
-                                    for t in tags}
+    out: dict[str, float | None] = {f"entropy/iter{t[len(ENTROPY_TAG):]}": _last(run, t) for t in tags}
     classes = (run.metrics or {}).get("num_classes")
     if out and isinstance(classes, int) and classes > 0:
         out["entropy/uniform"] = math.log(classes)
@@ -167,7 +183,7 @@ def _fmt(key: str, value: Any) -> str:
     return spec.format(value) if isinstance(value, (int, float)) else str(value)
 
 
-DISPLAY = [("run", "run"), ("status", "status"), ("steps", "steps"), ("best_val_acc", "best acc"),
+DISPLAY = [("run", "run"), ("routing", "routing"), ("status", "status"), ("steps", "steps"), ("best_val_acc", "best acc"),
            ("final_val_acc", "final acc"), ("images_per_sec", "img/s"),
            *((f"grad_norm/{s}", s) for s in STAGES), ("early/head", "early/head"), ("alarms", "alarm")]
 # the per-stage learning measures, one table each: (title, key prefix)
@@ -265,9 +281,9 @@ def csv_cell(value: Any) -> Any:
 
 def write_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: Path) -> None:
     """report.csv: full precision, blank where there is no value, no cell a spreadsheet would run."""
-    numbers = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in ("run", "folder", "status",
-               "alarms", "alarm", *keys)]
-    columns = ["run", "folder", *keys, "status", *numbers, "alarms", "alarm"]
+    numbers = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in ("run", "folder", "routing",
+               "status", "alarms", "alarm", *keys)]
+    columns = ["run", "folder", *keys, "routing", "status", *numbers, "alarms", "alarm"]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[csv_cell(c) for c in columns], extrasaction="ignore")
         writer.writeheader()

@@ -1,0 +1,1 @@
+"""Run folder: its files, its lock, checkpoints and resume."""
