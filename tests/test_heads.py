@@ -32,7 +32,7 @@ def test_a_few_steps_give_finite_losses_and_gradients_everywhere(adapter: str, h
     reached: set[str] = set()  # parameters that received a non-zero gradient at some step
     for step in range(2):
         optimizer.zero_grad()
-        value, scores, _, _ = objective(images, targets, step / 2)
+        value, scores, *_ = objective(images, targets, step / 2)
         assert scores.shape == (4, 5)
         assert torch.isfinite(value)
         value.backward()
@@ -55,15 +55,15 @@ def test_capsule_reconstruction_trains_the_decoder_and_weights_the_loss() -> Non
     assert plain.model.head.decoder is None and with_rec.model.head.auxiliary_weight == 0.0005
     with_rec.load_state_dict(plain.state_dict(), strict=False)  # same trunk and capsules
     plain.eval(), with_rec.eval()
-    base, _, _, _ = plain(images, targets, 0.0)
-    total, _, telemetry, shown = with_rec(images, targets, 0.0)
+    base, *_ = plain(images, targets, 0.0)
+    total, _, telemetry, shown, _ = with_rec(images, targets, 0.0)
     assert telemetry == {} and shown == {}  # nothing measured unless asked
     head = with_rec.model.head
     aux, _ = head.auxiliary_loss(with_rec.model(images), images, targets)
     assert torch.allclose(total, base + 0.0005 * aux, rtol=1e-5)
     total.backward()
     assert all(p.grad is not None for p in head.decoder.parameters())
-    drawn, _, telemetry, grid = with_rec(images, targets, 0.0, Measure(telemetry=True, images=True))
+    drawn, _, telemetry, grid, _ = with_rec(images, targets, 0.0, Measure(telemetry=True, images=True))
     torch.testing.assert_close(drawn, total)
     assert set(grid) == {"capsule/reconstruction"}
     assert all(g.ndim == 3 and g.shape[0] == 3 for g in grid.values())
@@ -77,7 +77,7 @@ def test_224px_batch2_capsule_without_adapter_fits_on_cpu() -> None:
                            num_classes=10)
     assert objective.model.backbone.out_channels == 2048
     head = objective.model.head
-    value, scores, _, _ = objective(torch.randn(2, 3, 224, 224), torch.tensor([1, 2]), 0.0)
+    value, scores, *_ = objective(torch.randn(2, 3, 224, 224), torch.tensor([1, 2]), 0.0)
     value.backward()
     assert scores.shape == (2, 10) and torch.isfinite(value)
     # one W_ij per input capsule of the 7x7 map (the no-copy check: test_capsule_head.py)
@@ -93,5 +93,5 @@ def test_the_pool_adapter_cuts_the_input_capsules_to_its_map() -> None:
     features = torch.randn(2, objective.model.backbone.out_channels, 4, 4)
     pooled = objective.model.adapter(features)
     torch.testing.assert_close(pooled[:, :, 0, 0], features[:, :, :2, :2].mean(dim=(2, 3)))
-    value, scores, _, _ = objective(torch.randn(2, 3, 128, 128), torch.tensor([0, 1]), 0.0)
+    value, scores, *_ = objective(torch.randn(2, 3, 128, 128), torch.tensor([0, 1]), 0.0)
     assert scores.shape == (2, 5) and torch.isfinite(value)

@@ -17,6 +17,7 @@ from capsexp.config.validation import flatten, validate
 from capsexp.data.datasets import bad_image_count, build_datasets, build_loaders
 from capsexp.data.sampling import EpochSampler
 from capsexp.diagnostics.drift import probe_images
+from capsexp.diagnostics.probe import ProbeSet
 from capsexp.engine.assembly import build_loop, seed_everything
 from capsexp.engine.step import evaluate, train_one_epoch
 from capsexp.engine.loop import EpochStats, Loop, StopTraining, TrainState
@@ -70,7 +71,9 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     lines = progress_lines(cfg.trainer, rt.is_main, total_steps, batches, rt.world_size)
     probe = probe_images(val_ds, int(cfg.grads.drift.probe_images))
     # the run folder is the TensorBoard run
-    loop = build_loop(cfg, rt, num_classes, total_steps, run_dir, show, lines=lines, probe=probe)
+    probe_set = ProbeSet.from_datasets(train_ds, val_ds, int(cfg.grads.probe.images)) if rt.is_main else None
+    loop = build_loop(cfg, rt, num_classes, total_steps, run_dir, show, lines=lines, probe=probe,
+                      probe_set=probe_set)
     state = TrainState()
     if ckpt is not None:
         restore(ckpt, loop, state)
@@ -235,6 +238,9 @@ def _announce(cfg: DictConfig, run_dir: Path, loop: Loop, resumed: bool, state: 
     print(f"capsexp: {where} in {shown(run_dir)}\ncapsexp: device {rt.device} ({rt.precision}, world size "
           f"{rt.world_size}); head={_head(cfg)} adapter={cfg.adapter.name} loss={cfg.loss.name}; "
           f"{trainable / 1e6:.2f}M trainable parameters; frozen stages: {frozen}", flush=True)
+    if cfg.backbone.reinit:
+        print(f"capsexp: re-initialised {', '.join(cfg.backbone.reinit)} after loading backbone.weights="
+              f"{cfg.backbone.weights} (torchvision's initialisation): backbone.reinit.", flush=True)
     if cfg.head.name == "capsule" and not routing_iterates(str(cfg.head.routing.name)):
         print(f"capsexp: head.routing.iterations does not apply to head.routing.name={cfg.head.routing.name} "
               f"(it routes once, by construction); the value {cfg.head.routing.iterations} is ignored.", flush=True)

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from capsexp.config.argv import is_hydra_key
+from capsexp.runkeys import keys_where
 from capsexp.errors import UserError
 from capsexp.config.tree import group_option, group_options
 
@@ -29,7 +30,7 @@ from capsexp.config.tree import group_option, group_options
 # is not the user's command line.
 COMMAND_LINE_ENV = "CAPSEXP_COMMAND_LINE"
 # a rerun of a pre-empted job with trainer.resume=auto must land in the same folder
-SUBDIR_EXCLUDED = frozenset({"trainer.resume"})
+SUBDIR_EXCLUDED = frozenset(keys_where("names_folder", False))  # capsexp.runkeys: the one table
 MAX_SUBDIR_CHARS = 120  # well below the 255-byte file-name limit, with room for the job number
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]")  # '/' above all: a path value must not make subfolders
 MAX_LABEL_CHARS = 100

@@ -68,3 +68,13 @@ def _required(message: str) -> NoReturn:
 # registered on import: the Hydra apps, the command-line check and bench import this module, and
 # joblib workers import the apps' module when they unpickle the task function
 OmegaConf.register_new_resolver("capsexp_required", _required, replace=True)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``{"a.b.c": value}``; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    return out

@@ -24,7 +24,7 @@ from capsexp.models import losses
 from capsexp.checks import Check, one_of
 from capsexp.errors import UserError, user_error_in
 from capsexp.models import adapters, backbone
-from capsexp.config.tree import group_option
+from capsexp.config.tree import flatten, group_option  # noqa: F401 -- flatten: for callers
 from capsexp.models import capsule_head
 from capsexp.models.classifier import HEADS, default_loss
 from capsexp.config.naming import LABEL_ALLOWED, valid_label
@@ -48,16 +48,6 @@ CROSS_ONLY: tuple[ModuleType, ...] = (capsule_head,)
 class Unresolved(UserError):
     """A value whose interpolation cannot be resolved here (e.g. an unset environment variable).
     The command-line check leaves it to the job, whose launcher may set what it refers to."""
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as ``{"a.b.c": value}``; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}{key}."))
-    return out
 
 
 def _get(cfg: DictConfig, key: str) -> Any:

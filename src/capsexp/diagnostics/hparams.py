@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+from capsexp.runkeys import keys_where
+
 # what a user compares capsexp runs by, in the order the question reads
 COMPARED = ("head.name", "adapter.name", "loss.name", "head.routing.iterations", "head.routing.detach",
             "backbone.freeze_depth", "optim.name", "optim.lr", "data.image_size", "backbone.name",
             "backbone.weights", "seed")
 # marked as differing, so TensorBoard lists them first and shows them without a click (its table
 # shows the first few hyperparameters only); a sweep's own keys are marked too
-MARKED = ("head.name", "adapter.name", "head.routing.iterations")
-LEFT_OUT = ("hydra", "bench", "trainer.resume", "trainer.progress", "trainer.device", "data.root",
-            "data.num_workers", "data.download")
+MARKED = keys_where("compared_first")  # capsexp.runkeys: the one table
+LEFT_OUT = keys_where("in_hparams", False)
 
 
 def compared_hparams(flat: Mapping[str, Any], swept: Iterable[str]) -> dict[str, Any]:

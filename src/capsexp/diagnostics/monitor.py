@@ -13,6 +13,7 @@ this module decides when they run, and nothing is copied or measured between log
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Any
@@ -25,6 +26,7 @@ from torch import Tensor
 from capsexp.diagnostics.alarms import Alarm, AlarmEvent, ExplosionAlarm, NotLearningAlarm, VanishingAlarm
 from capsexp.checks import Check, boolean, integer, positive
 from capsexp.diagnostics.drift import DriftProbe
+from capsexp.diagnostics.probe import LinearProbe, ProbeSet
 from capsexp.diagnostics.features import FeatureGradient
 from capsexp.diagnostics.gradients import (GradStats, frozen_stages, gradient_stats, parameter_layout, snapshot,
                                trainable_stages, update_stats)
@@ -51,6 +53,8 @@ CHECKS: list[Check] = [
     ("grads.histogram_every_n_steps", integer(0), "an integer >= 0 (0 = off)"),
     ("grads.figure_every_n_steps", integer(0), "an integer >= 0 (0 = off)"),
     ("grads.drift.probe_images", integer(0), "an integer >= 0 (0 = off)"),
+    ("grads.probe.images", integer(0), "an integer >= 0 (0 = off)"),
+    ("grads.probe.every_n_validations", integer(1), "a positive integer"),
     ("grads.alarm.ratio", positive(), "a positive number"),
     ("grads.alarm.update_ratio", positive(), "a positive number"),
     ("grads.alarm.max_update_ratio", positive(), "a positive number"),
@@ -65,8 +69,9 @@ class GradientMonitor:
     """Called by the step before forward, after backward (and unscaling) and after the update."""
 
     def __init__(self, grads_cfg: DictConfig, logger: Logger, model: Classifier, total_steps: int,
-                 probe: Tensor) -> None:
-        """``probe``: the fixed images drift is measured on (empty: no drift)."""
+                 probe: Tensor, probe_set: ProbeSet | None = None, num_classes: int = 0) -> None:
+        """``probe``: the fixed images drift is measured on (empty: no drift); ``probe_set``: the
+        labelled images the linear probes are fitted and scored on (none: no probes)."""
         self.cfg = grads_cfg
         self.every = int(grads_cfg.log_every_n_steps)
         self.total_steps = total_steps
@@ -87,7 +92,15 @@ class GradientMonitor:
         self.history = RunHistory()
         self.flow: list[tuple[int, dict[str, float]]] = []
         self.drift = DriftProbe(probe, {name: self.stages[name] for name in trainable_stages(self.stages)})
+        self.probe = LinearProbe(probe_set if probe_set is not None else ProbeSet.empty(),
+                                 dict(model.backbone.stages()), num_classes)
+        self.probe_every = int(grads_cfg.probe.every_n_validations)
+        self.validations = 0       # validations so far (the probe's interval counts them)
+        self.probed_start = False  # probe/<stage> at step 0 written (a resumed run does not repeat it)
         self._before: tuple[Tensor, ...] | None = None  # weights before this logging step's update
+        self._hops: list[str] = []              # this logging step's ladder, scores to features
+        self._ladder: dict[str, Tensor] = {}    # |dL/d hop| over the batch, filled during backward
+        self._loss_scale = 1.0                  # fp16 loss scaling multiplies every hop's gradient
 
     def _due(self, step: int, every: int) -> bool:
         return every > 0 and step % every == 0
@@ -133,30 +146,54 @@ class GradientMonitor:
             for tag, grid in images.items():
                 self.logger.image(tag, grid, step)
         if telemetry:
-            values = torch.stack([v.float() for v in telemetry.values()]).tolist()  # one sync
+            # float64 on the host: routing/entropy_deficit is 1e-6 of log J at this geometry
+            values = torch.stack([v.double() for v in telemetry.values()]).tolist()  # one sync
             self.logger.scalars(dict(zip(telemetry, values)), step)
+            self.history.add(step, {k: v for k, v in zip(telemetry, values) if k.startswith("routing/")})
+
+    def watch(self, hops: dict[str, Tensor], scaler: torch.amp.GradScaler) -> None:
+        """Tensor hooks on the ladder's activations (what the head returned for a logging step; none
+        otherwise): each keeps the norm of its gradient over the whole batch, on the device. The
+        features' own hop is the features gradient the monitor already keeps."""
+        self._ladder, self._hops = {}, list(hops)
+        if not hops:
+            return
+        self._loss_scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+        for name, tensor in hops.items():
+            if name != "features" and tensor.requires_grad:
+                tensor.register_hook(functools.partial(self._keep_hop, name))
+
+    def _keep_hop(self, name: str, grad: Tensor) -> None:
+        self._ladder[name] = torch.linalg.vector_norm(grad.detach().float())
 
     def after_update(self, step: int, updated: bool) -> None:
-        """On logging steps: update/weight per stage and the features gradient, in one host transfer.
-        A skipped update writes nothing."""
+        """On logging steps: update/weight per stage, the features gradient and the gradient ladder,
+        in one host transfer. A skipped update writes nothing."""
         before, self._before = self._before, None
         captured = self.features.take()
+        hops = [h for h in self._hops if h in self._ladder]
+        ladder = [self._ladder[h] for h in hops]
+        self._ladder = {}
         if before is None or not updated:
             return
         extra = [captured.norm, captured.position_map.flatten()] if captured is not None else []
-        stats = update_stats(self.stages, before, per_layer=bool(self.cfg.per_layer), extra=extra)
+        stats = update_stats(self.stages, before, per_layer=bool(self.cfg.per_layer), extra=[*ladder, *extra])
+        ladder_values, extra_values = stats.extra[:len(hops)], stats.extra[len(hops):]
         values = {f"update_to_weight/{k}": v for k, v in stats.stage_ratio.items()}
         values |= {f"update_log10/{k}": math.log10(v) for k, v in stats.stage_ratio.items() if v > 0 and math.isfinite(v)}
         values |= {f"update_to_weight_layer/{k}": v for k, v in stats.layer_ratio.items()}
         if captured is not None:
-            values["grad_norm/features"] = stats.extra[0]
+            values["grad_norm/features"] = extra_values[0]
             # host values already (the one transfer above): the figure reads no tensor
-            position_map = np.asarray(stats.extra[1:]).reshape(tuple(captured.position_map.shape))
+            position_map = np.asarray(extra_values[1:]).reshape(tuple(captured.position_map.shape))
             self.logger.submit(lambda: self.logger.image("grad_map/features", _map_image(position_map), step,
                                                          dataformats="HWC"), f"grad_map/features at step {step}")
+        if captured is not None and "features" in self._hops:
+            hops, ladder_values = [*hops, "features"], [*ladder_values, extra_values[0]]
+        values |= ladder_scalars(hops, [v / self._loss_scale for v in ladder_values])
         self.logger.submit(lambda: self.logger.scalars(values, step), f"update ratios at step {step}")
         self.history.add(step, {k: v for k, v in values.items()
-                                if k.startswith("update_to_weight/") or k == "grad_norm/features"})
+                                if k.startswith(("update_to_weight/", "grad_ladder/")) or k == "grad_norm/features"})
         self._fire(self._not_learning.update(stats.stage_ratio, step), "not_learning")
         self._fire(self._exploding.update_updates(stats.stage_ratio, step), "exploding")
 
@@ -204,9 +241,20 @@ class GradientMonitor:
                                                          dataformats="HWC"), f"the stage_profile figure at step {step}")
 
     def start(self, rt: Runtime) -> None:
-        """The starting Gram matrices of the drift probe (kept when a checkpoint brought them)."""
+        """The starting Gram matrices of the drift probe (kept when a checkpoint brought them), and
+        the linear probes at step 0, so that their change is visible."""
         if len(self.drift.images) and not self.drift.reference:
             self.drift.start(self.model, rt)
+        if self.probe.enabled and not self.probed_start:
+            self._probe(0, rt)
+            self.probed_start = True
+
+    def _probe(self, step: int, rt: Runtime) -> dict[str, float]:
+        values = self.probe.measure(self.model, rt)
+        if values:
+            self.logger.scalars(values, step)
+            self.history.last_probe = values
+        return values
 
     def on_validation(self, step: int, rt: Runtime) -> dict[str, float]:
         """``drift/<stage>`` after a validation; returns the values logged."""
@@ -214,12 +262,23 @@ class GradientMonitor:
         if values:
             self.logger.scalars(values, step)
             self.history.last_drift = values
+        self.validations += 1
+        if self.probe.enabled and self.probe_every > 0 and self.validations % self.probe_every == 0:
+            values = values | self._probe(step, rt)
         return values
 
     def finish(self, step: int) -> None:
-        """The final figures, whatever the interval (a run shorter than it gets one too)."""
+        """The final figures, whatever the interval (a run shorter than it gets one too), and the
+        gradient ladder of the run: every logging step's, scores to features."""
         if int(self.cfg.figure_every_n_steps) > 0 and not self._due(step, int(self.cfg.figure_every_n_steps)):
             self._log_figures(step)
+        ladder = self.history.series("grad_ladder/", tuple(self._hops))
+        if ladder:
+            from capsexp.diagnostics.figures import stage_profile_figure
+
+            title = "gradient ladder |dL/d hop|, scores to features (log scale)"
+            self.logger.submit(lambda: self.logger.image("grad_ladder", stage_profile_figure(ladder, title), step,
+                                                         dataformats="HWC"), f"the grad_ladder figure at step {step}")
 
     def summary(self) -> dict[str, float]:
         """What ``metrics.json`` keeps: medians and maxima per stage over the run, the last drift."""
@@ -233,7 +292,8 @@ class GradientMonitor:
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history.state_dict(), "alarm_messages": self.alarm_messages,
                 "alarms_fired": [k for k, a in self.alarms.items() if a.fired],
-                "drift": self.drift.state_dict()}
+                "drift": self.drift.state_dict(), "validations": self.validations,
+                "probed_start": self.probed_start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history.load_state_dict(state.get("history", {}))
@@ -241,6 +301,18 @@ class GradientMonitor:
         for name in state.get("alarms_fired", []):
             self.alarms[name].fired = True
         self.drift.load_state_dict(state.get("drift", {}))
+        self.validations = int(state.get("validations", 0))
+        self.probed_start = bool(state.get("probed_start", False))
+
+
+def ladder_scalars(hops: list[str], norms: list[float]) -> dict[str, float]:
+    """``grad_ladder/<hop>``: |dL/d hop| over the batch, from the scores to the features, and
+    ``grad_ladder_ratio/<hop>``: that over the previous hop's (below 1: the hop shrinks the gradient)."""
+    values = {f"grad_ladder/{h}": n for h, n in zip(hops, norms)}
+    for (_, before), (hop, now) in zip(zip(hops, norms), list(zip(hops, norms))[1:]):
+        if before > 0:
+            values[f"grad_ladder_ratio/{hop}"] = now / before
+    return values
 
 
 def _map_image(position_map: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ class RunHistory:
     def __init__(self) -> None:
         self.records: list[tuple[int, dict[str, float]]] = []
         self.last_drift: dict[str, float] = {}
+        self.last_probe: dict[str, float] = {}
 
     def add(self, step: int, values: dict[str, float]) -> None:
         self.records.append((step, values))
@@ -46,16 +47,19 @@ class RunHistory:
         maxima: dict[str, float] = {}
         for _, values in self.records:
             for key, value in values.items():
-                if key != "grad_norm/total" and not math.isnan(value):
+                # per-stage measures only: medians hide their transients
+                if key.startswith(("grad_norm/", "update_to_weight/")) and key != "grad_norm/total" \
+                        and not math.isnan(value):
                     maxima[f"max/{key}"] = max(maxima.get(f"max/{key}", -math.inf), value)
-        return medians | maxima | self.early_to_head(early) | self.last_drift
+        return medians | maxima | self.early_to_head(early) | self.last_drift | self.last_probe
 
     def state_dict(self) -> dict[str, Any]:
-        return {"records": self.records, "last_drift": self.last_drift}
+        return {"records": self.records, "last_drift": self.last_drift, "last_probe": self.last_probe}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.records = [(int(s), dict(v)) for s, v in state.get("records", [])]
         self.last_drift = dict(state.get("last_drift", {}))
+        self.last_probe = dict(state.get("last_probe", {}))
 
 
 ALARMS = ("vanishing_gradients", "not_learning", "exploding")  # metrics.json: alarm/<name>, null if silent
@@ -97,6 +101,30 @@ def stage_table(grads: dict[str, float]) -> list[str]:
     return lines
 
 
+def why_lines(metrics: dict[str, Any]) -> list[str]:
+    """The gradient ladder (median |dL/d hop| over the run, scores to features, each hop over the
+    previous) and the routing telemetry (medians, in scientific notation: the effects are small)."""
+    hops = [k.split("/", 1)[1] for k in metrics if k.startswith("grad_ladder/")]
+    lines: list[str] = []
+    if hops:
+        lines.append("gradient ladder (median |dL/d hop| over the run; x: over the hop before):")
+        previous = None
+        for hop in hops:
+            value = metrics[f"grad_ladder/{hop}"]
+            ratio = f"x {value / previous:.3g}" if previous else ""
+            lines.append(f"  {hop:<18}{_cell(value)}   {ratio}")
+            previous = value
+    routing = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("routing/")}
+    if routing:
+        lines.append("routing (median over the run): " + ", ".join(
+            f"{name.replace('_', ' ')} {value:.3e}" for name, value in routing.items()))
+    probes = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("probe/")}
+    if probes:
+        lines.append("linear probe accuracy per stage (last probe): " + ", ".join(
+            f"{stage} {value:.3f}" for stage, value in probes.items()))
+    return lines
+
+
 def print_summary(cfg: Any, metrics: dict[str, Any]) -> None:
     """The run's last lines in the terminal: the result, then the per-stage table and any alarm."""
     speed = metrics["images_per_sec"]
@@ -110,7 +138,7 @@ def print_summary(cfg: Any, metrics: dict[str, Any]) -> None:
             print(f"no gradient statistics were logged: the run ended before step "
                   f"grads.log_every_n_steps={cfg.grads.log_every_n_steps}.", flush=True)
         return
-    print("\n".join(stage_table(grads)), flush=True)
+    print("\n".join(stage_table(grads) + why_lines(metrics)), flush=True)
     for name in ALARMS:
         if metrics.get(f"alarm/{name}"):
             print(f"  ! {metrics[f'alarm/{name}']}", flush=True)

@@ -95,6 +95,16 @@ class RunLogger:
                 "grad_to_weight per stage": ["Multiline", [f"grad_to_weight/{s}" for s in stages]],
                 "grad_norm entering the backbone": ["Multiline", ["grad_norm/features"]],
             },
+            "Why (the head)": {
+                "gradient ladder |dL/d hop| (scores to features)": ["Multiline", [r"grad_ladder/.*"]],
+                "gradient ladder: each hop over the previous (below 1: it shrinks the gradient)":
+                    ["Multiline", [r"grad_ladder_ratio/.*"]],
+                "routing: entropy deficit log J - H (nats)": ["Multiline", ["routing/entropy_deficit"]],
+                "routing: change of the output against uniform coupling": ["Multiline", ["routing/change"]],
+                "routing: largest coupling, and length or activation gain": ["Multiline", ["routing/max_coupling",
+                                                                                          "routing/gain"]],
+                "linear probe accuracy per stage": ["Multiline", [r"probe/.*"]],
+            },
             "Training": {
                 "loss": ["Multiline", ["train/loss", "val/loss"]],
                 "accuracy": ["Multiline", ["train/acc", "val/acc"]],

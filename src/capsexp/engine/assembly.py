@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from capsexp.diagnostics.monitor import GradientMonitor
+from capsexp.diagnostics.probe import ProbeSet
 from capsexp.engine.console import NoLines
 from capsexp.engine.loop import Lines, Loop, Monitor, NullMonitor, StepConfig
 from capsexp.models.objective import Objective
@@ -32,11 +33,12 @@ def seed_everything(seed: int) -> None:
 
 
 def build_loop(cfg: DictConfig, rt: Runtime, num_classes: int, total_steps: int, log_dir: Path | None,
-               show_progress: bool, lines: Lines | None = None, probe: Tensor | None = None) -> Loop:
+               show_progress: bool, lines: Lines | None = None, probe: Tensor | None = None,
+               probe_set: ProbeSet | None = None) -> Loop:
     """Model, loss, optimizer, schedule, scaler, logger and diagnostics (on the main rank).
 
     ``lines``: progress as log lines (none by default); ``probe``: the fixed images drift is
-    measured on (none by default)."""
+    measured on, ``probe_set``: the labelled images of the linear probes (none by default)."""
     model = build_model(cfg, num_classes)
     criterion = build_loss(cfg.loss, score_kind(cfg.head))
     objective = Objective(model, criterion)
@@ -47,7 +49,7 @@ def build_loop(cfg: DictConfig, rt: Runtime, num_classes: int, total_steps: int,
     scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
     logger = RunLogger(log_dir if rt.is_main else None)
     monitor: Monitor = GradientMonitor(cfg.grads, logger, model, total_steps,
-                                       probe if probe is not None else torch.empty(0)) \
+                                       probe if probe is not None else torch.empty(0), probe_set, num_classes) \
         if rt.is_main else NullMonitor()
     return Loop(objective=runnable, model=model, evaluator=evaluator, criterion=criterion, optimizer=optimizer,
                 scheduler=scheduler, scaler=rt.grad_scaler(), rt=rt, config=StepConfig.from_config(cfg.trainer),

@@ -44,6 +44,7 @@ class Monitor(Protocol):
     alarm_messages: dict[str, str]      # the alarms that fired, by condition
 
     def before_forward(self, step: int) -> Measure: ...
+    def watch(self, hops: dict[str, Tensor], scaler: torch.amp.GradScaler) -> None: ...
     def after_backward(self, step: int, grad_norms: dict[int, Tensor], total_norm: Tensor,
                        telemetry: dict[str, Tensor], images: dict[str, Tensor]) -> None: ...
     def after_update(self, step: int, updated: bool) -> None: ...
@@ -64,6 +65,9 @@ class NullMonitor:
 
     def before_forward(self, step: int) -> Measure:
         return NOTHING
+
+    def watch(self, hops: dict[str, Tensor], scaler: torch.amp.GradScaler) -> None:
+        pass
 
     def after_backward(self, step: int, grad_norms: dict[int, Tensor], total_norm: Tensor,
                        telemetry: dict[str, Tensor], images: dict[str, Tensor]) -> None:

@@ -71,7 +71,7 @@ def evaluate(objective: nn.Module, loader: DataLoader, rt: Runtime, limit: int |
     for images, targets in progress_bar(batches, total, "val", show_progress):
         images, targets = rt.to_device(images, targets)
         with rt.autocast():
-            loss, scores, _, _ = objective(images, targets, 1.0)
+            loss, scores, *_ = objective(images, targets, 1.0)
         n = torch.full((), float(targets.numel()), device=rt.device)
         sums += torch.stack([loss.float() * n, (scores.argmax(1) == targets).sum().float(), n])
     # sums, not per-rank means: under DDP the ranks may hold different numbers of samples
@@ -111,7 +111,8 @@ def train_step(loop: Loop, images: Tensor, targets: Tensor, state: TrainState) -
         # new value); reading it back in the eager loss is a host-side read, not a device sync.
         # 0 at the first step, 1 at the last, so annealed losses reach their end value
         progress = torch.tensor(state.step / max(loop.total_steps - 1, 1), dtype=torch.float64)
-        loss, scores, telemetry, shown = loop.objective(images, targets, progress, measure)
+        loss, scores, telemetry, shown, hops = loop.objective(images, targets, progress, measure)
+    loop.monitor.watch(hops, loop.scaler)  # tensor hooks on the ladder's activations: a logging step only
     loop.scaler.scale(loss).backward()
     loop.scaler.unscale_(loop.optimizer)
     norms, total_norm = _grad_norms(loop.params, rt.device)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, Callable, Sequence, cast
 
 import torch
+from omegaconf import OmegaConf
 import torchvision
 from torch import Tensor, nn
 
@@ -51,7 +52,33 @@ CHECKS: list[Check] = [
     ("backbone.weights", lambda v: v is None or isinstance(v, str),
      "null, a torchvision weights name such as IMAGENET1K_V1, or a file path"),
     ("backbone.freeze_depth", integer(0, 5), "an integer from 0 to 5"),
+    ("backbone.reinit", lambda v: (OmegaConf.is_list(v) or isinstance(v, (list, tuple)))
+     and all(s in BACKBONE_STAGES for s in v) and len(set(v)) == len(v),
+     f"a list of distinct stages drawn from {', '.join(BACKBONE_STAGES)}, e.g. [stem,layer1] ([] for none)"),
 ]
+
+
+def cross_check(cfg: Any) -> None:
+    """A re-initialised stage must train: one that freeze_depth freezes would stay random."""
+    frozen = set(BACKBONE_STAGES[:int(cfg.backbone.freeze_depth)])
+    clash = [s for s in cfg.backbone.reinit if s in frozen]
+    if clash:
+        raise UserError(f"backbone.reinit names {', '.join(clash)}, which backbone.freeze_depth="
+                        f"{cfg.backbone.freeze_depth} freezes, so it would stay random; lower freeze_depth "
+                        f"or leave {', '.join(clash)} out of backbone.reinit.")
+
+
+def reinit_stages(backbone: "Backbone", stages: Sequence[str]) -> None:
+    """Re-initialise ``stages`` of a (pretrained) trunk with torchvision's own initialisation, as a
+    fresh trunk of the same architecture gets it (conv: Kaiming normal, fan-out; BatchNorm: 1 and 0,
+    running statistics reset; the last BatchNorm of each block zero, as capsexp's fresh trunks),
+    drawn anew from the global generator. Everything else keeps its loaded weights."""
+    if not stages:
+        return
+    fresh = Backbone(torchvision.models.get_model(backbone.arch, weights=None, zero_init_residual=True),
+                     backbone.arch)
+    for name in stages:
+        backbone.stages()[name].load_state_dict(fresh.stages()[name].state_dict())
 # a weights name the chosen architecture lacks fails here, before any download is tried
 OPTION_CHECKS: dict[str, list[Check]] = {
     arch: [("backbone.weights", *_weights_for(arch))] for arch in BACKBONES
@@ -132,7 +159,11 @@ def build_backbone(cfg: Any, with_weights: bool = True) -> Backbone:
     # network with well-scaled outputs (Goyal et al. 2017); loaded weights overwrite it anyway
     resnet = torchvision.models.get_model(arch, weights=None, zero_init_residual=True)
     backbone = Backbone(resnet, arch, freeze_depth=int(cfg.freeze_depth))
-    return load_weights(backbone, cfg.weights) if with_weights else backbone
+    if not with_weights:
+        return backbone
+    backbone = load_weights(backbone, cfg.weights)
+    reinit_stages(backbone, list(cfg.get("reinit", [])))
+    return backbone
 
 
 def load_weights(backbone: Backbone, weights: str | None) -> Backbone:

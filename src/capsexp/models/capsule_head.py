@@ -23,9 +23,10 @@ from torchvision.utils import make_grid
 from capsexp.checks import Check, boolean, choice, integer, nonneg, one_of, positive
 from capsexp.errors import UserError
 from capsexp.models.capsule_layers import PrimaryCapsules
-from capsexp.models.capsules import coupling_entropy
+from capsexp.models.capsule_layers import capsule_length
+from capsexp.models.capsules import coupling_entropy, entropy_deficit, relative_change
 from capsexp.models.routing import CHECKS as ROUTING_CHECKS
-from capsexp.models.routing import LOSSES_FOR_SCORE, POSE, ROUTINGS
+from capsexp.models.routing import LOSSES_FOR_SCORE, POSE, ROUTINGS, Measured
 from capsexp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from capsexp.models.heads import NOTHING, Head, HeadOutput, Measure
 
@@ -105,14 +106,17 @@ class CapsuleHead(Head):
         """
         routed = self.routing(x, measure.telemetry)
         extras = {} if routed.capsules is None else {"v": routed.capsules}
-        if routed.couplings is not None:
-            with torch.no_grad():
-                # reduced now, so no [iterations, B, I, J] tensor outlives this forward (with 1000
-                # classes at 224 px that would be gigabytes held until the next step)
-                extras["coupling_entropy"] = torch.stack([coupling_entropy(c) for c in routed.couplings])
-        if routed.presence is not None:
-            extras["presence"] = routed.presence
-        return HeadOutput(routed.scores, extras)
+        m = routed.measured
+        if m is None:
+            return HeadOutput(routed.scores, extras)
+        with torch.no_grad():
+            # reduced now, so no [iterations, B, I, J] tensor outlives this forward (with 1000
+            # classes at 224 px that would be gigabytes held until the next step)
+            extras["coupling_entropy"] = torch.stack([coupling_entropy(c) for c in m.couplings])
+            extras |= routing_telemetry(m)
+        if m.presence is not None:
+            extras["presence"] = m.presence
+        return HeadOutput(routed.scores, extras, m.hops)
 
     def _reconstruct(self, v: Tensor, scores: Tensor, targets: Tensor) -> Tensor:
         """Decode one class capsule per image (others masked to zero) to ``[B, 3, s, s]``.
@@ -154,6 +158,7 @@ class CapsuleHead(Head):
             f"capsule/coupling_entropy/iter{k + 1}": h
             for k, h in enumerate(out.extras["coupling_entropy"].unbind())
         }
+        out_ |= {k: v for k, v in out.extras.items() if k.startswith("routing/")}
         lengths = out.scores.detach()
         is_true = F.one_hot(targets.long(), self.num_classes).to(lengths.dtype)
         out_["capsule/true_class_length"] = (lengths * is_true).sum() / is_true.sum()
@@ -162,6 +167,24 @@ class CapsuleHead(Head):
         if "presence" in out.extras:  # lengths or activations; attention's LayerNorm'd capsules have none
             out_["capsule/inactive_input_fraction"] = (out.extras["presence"] < INACTIVE_LENGTH).float().mean()
         return out_
+
+
+def routing_telemetry(m: Measured) -> dict[str, Tensor]:
+    """``routing/*``: what routing did in this forward, as 0-d tensors (see docs/gradient-diagnostics.md).
+
+    ``entropy_deficit``: the last couplings' divergence from the uniform ones (``log J - H``);
+    ``max_coupling``: the largest coupling; ``change``: ``||out_r - out_1|| / ||out_1||``, the routing's
+    output against the same layer's with uniform couplings; ``gain``: the mean class-capsule length
+    (or activation) over its uniform-coupling value. All exactly 0 (gain 1) with one iteration.
+    """
+    def size(out: Tensor) -> Tensor:  # class capsules [B, J, D] by their lengths; activations as they are
+        return capsule_length(out) if out.dim() == 3 else out
+
+    last = m.couplings[-1]
+    return {"routing/entropy_deficit": entropy_deficit(last, m.uniform_couplings),
+            "routing/max_coupling": last.max(),
+            "routing/change": relative_change(m.output, m.uniform_output),
+            "routing/gain": size(m.output).mean() / size(m.uniform_output).mean().clamp_min(1e-30)}
 
 
 @torch.no_grad()

@@ -80,3 +80,19 @@ def coupling_entropy(c: Tensor) -> Tensor:
     sends everything to one output capsule. ``0 log 0`` is taken as 0.
     """
     return -torch.special.xlogy(c, c).sum(dim=-1).mean()
+
+
+def entropy_deficit(c: Tensor, uniform: Tensor) -> Tensor:
+    """How far couplings ``[..., I, J]`` are from the ones routing starts from, in nats, as a 0-d tensor:
+    the mean over inputs of ``KL(c_i || u_i) = sum_j c_ij log(c_ij / u_ij)``.
+
+    For uniform ``u = 1/J`` this is ``log J - H(c)``, the entropy deficit; computed as a divergence
+    (not as a difference of two entropies near ``log J``) so that it is exactly 0 when nothing was
+    routed, and keeps its digits when it is 1e-5 of ``log J``.
+    """
+    return torch.xlogy(c, c / uniform).sum(dim=-1).mean()
+
+
+def relative_change(output: Tensor, reference: Tensor) -> Tensor:
+    """``||output - reference|| / ||reference||`` over all entries, as a 0-d tensor (0 when equal)."""
+    return torch.linalg.vector_norm(output - reference) / torch.linalg.vector_norm(reference).clamp_min(1e-30)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from capsexp.errors import UserError
 from capsexp.models.adapters import Adapter, build_adapter
 from capsexp.checks import Check
-from capsexp.models.backbone import Backbone, build_backbone, feature_size, load_weights
+from capsexp.models.backbone import Backbone, build_backbone, feature_size, load_weights, reinit_stages
 from capsexp.models.capsule_head import CHECKS as CAPSULE_CHECKS
 from capsexp.models.capsule_head import CapsuleHead
 from capsexp.models.routing import ROUTINGS
@@ -67,7 +67,14 @@ class Classifier(nn.Module):
         self._stages = OrderedDict([*backbone.stages().items(), ("adapter", adapter), ("head", head)])
 
     def forward(self, x: Tensor, measure: Measure = NOTHING) -> HeadOutput:
-        return self.head(self.adapter(self.backbone(x)), measure)
+        features = self.backbone(x)
+        adapted = self.adapter(features)
+        out = self.head(adapted, measure)
+        if not measure.telemetry:
+            return out
+        # the ladder's last hops: the adapter's output (where there is an adapter) and the features
+        hops = {**out.hops, **({"adapter": adapted} if adapted is not features else {}), "features": features}
+        return out._replace(hops=hops)
 
     def stages(self) -> "OrderedDict[str, nn.Module]":
         """``stem, layer1..layer4, adapter, head``: the grouping of every gradient statistic."""
@@ -84,4 +91,6 @@ def build_model(cfg: Any, num_classes: int) -> Classifier:
         head = HEADS[cfg.head.name].build(cfg.head, adapter.out_channels, size, num_classes)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    return Classifier(load_weights(backbone, cfg.backbone.weights), adapter, head)
+    backbone = load_weights(backbone, cfg.backbone.weights)
+    reinit_stages(backbone, list(cfg.backbone.get("reinit", [])))  # after loading: they start afresh
+    return Classifier(backbone, adapter, head)

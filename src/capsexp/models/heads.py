@@ -35,6 +35,9 @@ class HeadOutput(NamedTuple):
 
     scores: Tensor              # [B, num_classes]
     extras: dict[str, Tensor]   # head-specific values its own methods below read (only this forward's)
+    # with Measure(telemetry=True): the head's activations from the scores back to its input, in
+    # order, with their graph (the monitor watches their gradients: the gradient ladder)
+    hops: dict[str, Tensor] = {}
 
 
 class Head(nn.Module):
@@ -88,7 +91,9 @@ class FCHead(Head):
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x: Tensor, measure: Measure = NOTHING) -> HeadOutput:
-        return HeadOutput(self.fc(self.dropout(torch.flatten(self.pool(x), 1))), {})
+        pooled = torch.flatten(self.pool(x), 1)
+        logits = self.fc(self.dropout(pooled))
+        return HeadOutput(logits, {}, {"scores": logits, "pooled": pooled} if measure.telemetry else {})
 
 
 FC_CHECKS: list[Check] = [("head.dropout", below_one, "a number in [0, 1)"),

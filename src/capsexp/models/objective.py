@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -9,13 +11,23 @@ from capsexp.models.classifier import Classifier
 from capsexp.models.heads import NOTHING, Measure
 
 
+class Outcome(NamedTuple):
+    """What one forward of the objective computed."""
+
+    loss: Tensor                   # 0-d, float32
+    scores: Tensor                 # [B, num_classes]
+    telemetry: dict[str, Tensor]   # the head's detached 0-d diagnostics (a logging step only)
+    images: dict[str, Tensor]      # image grids the head wants shown (a figure step only)
+    hops: dict[str, Tensor]        # the gradient ladder's activations, scores to features (a logging step only)
+
+
 class Objective(nn.Module):
     """Model plus loss in one module, so DDP sees every parameter the loss uses.
 
     The head's auxiliary loss (reconstruction) and a learned loss scale take part in the
     forward pass here; wrapping only the classifier would leave them outside DDP's reducer.
-    Returns ``(loss, scores, telemetry, images)``: the head's telemetry (detached 0-d tensors) and
-    the image grids it wants shown, each only where ``measure`` asks for it (never in evaluation).
+    Returns an ``Outcome``: the loss and scores, and the head's telemetry, image grids and ladder
+    activations, each only where ``measure`` asks for it (never in evaluation).
     """
 
     def __init__(self, model: Classifier, criterion: nn.Module) -> None:
@@ -24,7 +36,7 @@ class Objective(nn.Module):
         self.criterion = criterion
 
     def forward(self, images: Tensor, targets: Tensor, progress: float | Tensor, measure: Measure = NOTHING
-                ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+                ) -> Outcome:
         """``progress`` (fraction of training done) may be a 0-d CPU tensor: see ``train_step``."""
         head = self.model.head
         out = self.model(images, measure)
@@ -36,7 +48,7 @@ class Objective(nn.Module):
             loss = loss + head.auxiliary_weight * aux[0].float()
             shown = aux[1]
         telemetry = head.telemetry(out, targets) if measure.telemetry else {}
-        return loss, out.scores, telemetry, shown
+        return Outcome(loss, out.scores, telemetry, shown, out.hops)
 
     # eager under trainer.compile: a loss that does Python arithmetic on ``progress`` (the spread
     # loss's margin schedule) would otherwise make the compiled graph recompile at every step

@@ -24,16 +24,27 @@ from torch import Tensor, nn
 from capsexp.checks import Check, boolean, integer, positive
 from capsexp.models.capsule_layers import ClassCapsules, PrimaryCapsules, capsule_length
 from capsexp.models.capsules import squash
-from capsexp.models.routing_algorithms import attention_routing, dynamic_routing, em_routing, self_routing
+from capsexp.models.routing_algorithms import (attention_routing, dynamic_routing, dynamic_routing_sum, em_routing,
+                                               self_routing)
+
+
+class Measured(NamedTuple):
+    """What a routing layer computes besides its output on a logging step (never in evaluation)."""
+
+    couplings: Tensor             # [iterations, B, I, J], detached
+    uniform_couplings: Tensor     # [B, I, J]: what the routing starts from (no routing decision)
+    output: Tensor                # the routing's output: class capsules [B, J, D], or activations [B, J]
+    uniform_output: Tensor        # the same with uniform couplings, computed without gradient
+    presence: Tensor | None       # [B, I]: primary capsule length or activation; None where it means nothing
+    hops: dict[str, Tensor]       # the activations between the scores and the layer's input, in order
 
 
 class Routed(NamedTuple):
     """One forward of a routing layer."""
 
-    scores: Tensor                # [B, J]: lengths, activations in (0, 1), or logits (see ``SCORE``)
+    scores: Tensor                # [B, J]: lengths, activations in (0, 1), or logits (see ``RoutingOption.score``)
     capsules: Tensor | None       # class capsules [B, J, D] with their graph (the decoder reads them)
-    couplings: Tensor | None      # [iterations, B, I, J], detached, only when asked for
-    presence: Tensor | None       # [B, I]: primary capsule length or activation, only when asked for
+    measured: Measured | None     # only when asked for
 
 
 def _primary(cfg: Any, in_channels: int, feature_size: tuple[int, int], dim: int | None = None,
@@ -58,13 +69,20 @@ class DynamicRouting(nn.Module):
                                         bool(cfg["share_weights"]))
 
     def forward(self, x: Tensor, measure: bool) -> Routed:
-        u = squash(self.primary(x))
+        raw = self.primary(x)
+        u = squash(raw)
         u_hat = self.class_caps(u)
         if not measure:
             v = dynamic_routing(u_hat, self.iterations, self.detach, self.logit_scale)
-            return Routed(capsule_length(v), v, None, None)
-        v, c = dynamic_routing(u_hat, self.iterations, self.detach, self.logit_scale, return_couplings=True)
-        return Routed(capsule_length(v), v, c, capsule_length(u.detach()))
+            return Routed(capsule_length(v), v, None)
+        s, c = dynamic_routing_sum(u_hat, self.iterations, self.detach, self.logit_scale)
+        v = squash(s)
+        scores = capsule_length(v)
+        with torch.no_grad():
+            v1 = squash(dynamic_routing_sum(u_hat.detach(), 1)[0])
+        hops = {"scores": scores, "class_capsules": v, "presquash": s, "votes": u_hat, "primary": u,
+                "primary_presquash": raw}
+        return Routed(scores, v, Measured(c, c[0], v.detach(), v1, capsule_length(u.detach()), hops))
 
 
 class AttentionRouting(nn.Module):
@@ -86,14 +104,26 @@ class AttentionRouting(nn.Module):
         self.score = nn.Linear(dim, 1, bias=False)
 
     def forward(self, x: Tensor, measure: bool) -> Routed:
-        u = self.primary_norm(self.primary(x))
+        raw = self.primary(x)
+        u = self.primary_norm(raw)
         u_hat = self.class_caps(u)
         if not measure:
             v = attention_routing(u_hat, self.iterations, norm=self.norm)
-            return Routed(self.score(v).squeeze(-1), v, None, None)
-        v, c = attention_routing(u_hat, self.iterations, norm=self.norm, return_couplings=True)
+            return Routed(self.score(v).squeeze(-1), v, None)
+        sums: list[Tensor] = []  # the routing's weighted sums before the norm; the last is the output's
+
+        def norm(s: Tensor) -> Tensor:
+            sums.append(s)
+            return self.norm(s)
+
+        v, c = attention_routing(u_hat, self.iterations, norm=norm, return_couplings=True)
+        scores = self.score(v).squeeze(-1)
+        with torch.no_grad():
+            v1 = attention_routing(u_hat.detach(), 1, norm=self.norm)
+        hops = {"scores": scores, "class_capsules": v, "prenorm": sums[-1], "votes": u_hat, "primary": u,
+                "primary_prenorm": raw}
         # a LayerNorm'd capsule has length about sqrt(d) whatever it says: no presence to measure
-        return Routed(self.score(v).squeeze(-1), v, c, None)
+        return Routed(scores, v, Measured(c, c[0], v.detach(), v1, None, hops))
 
 
 class _PoseAndActivation(nn.Module):
@@ -122,9 +152,12 @@ class SelfRouting(nn.Module):
     def forward(self, x: Tensor, measure: bool) -> Routed:
         pose, a = self.primary(x)
         if not measure:
-            return Routed(self_routing(pose, a, self.weight, self.bias), None, None, None)
+            return Routed(self_routing(pose, a, self.weight, self.bias), None, None)
         a_out, c = self_routing(pose, a, self.weight, self.bias, return_couplings=True)
-        return Routed(a_out, None, c, a.detach())
+        # uniform couplings (W^r = b^r = 0, as at the start) give every class 1/J exactly
+        uniform, a_uniform = torch.full_like(c[0], 1.0 / c.shape[-1]), torch.full_like(a_out, 1.0 / c.shape[-1])
+        hops = {"scores": a_out, "activation": a, "pose": pose}
+        return Routed(a_out, None, Measured(c, uniform, a_out.detach(), a_uniform.detach(), a.detach(), hops))
 
 
 POSE = 4  # EM routing's pose matrices are 4 x 4
@@ -162,10 +195,13 @@ class EMRouting(nn.Module):
         votes = self.votes(pose)
         if not measure:
             out, a_out = em_routing(votes, a, self.beta_u, self.beta_a, self.iterations, self.final_lambda)
-            return Routed(a_out, out, None, None)
+            return Routed(a_out, out, None)
         out, a_out, c = em_routing(votes, a, self.beta_u, self.beta_a, self.iterations, self.final_lambda,
                                    return_couplings=True)
-        return Routed(a_out, out, c, a.detach())
+        with torch.no_grad():  # one M-step from R = 1/J: the class poses with no routing decision
+            out1, _ = em_routing(votes.detach(), a.detach(), self.beta_u, self.beta_a, 1, self.final_lambda)
+        hops = {"scores": a_out, "votes": votes, "activation": a, "pose": pose}
+        return Routed(a_out, out, Measured(c, c[0], out.detach(), out1, a.detach(), hops))
 
 
 class RoutingOption(NamedTuple):

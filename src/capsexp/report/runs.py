@@ -10,9 +10,10 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from capsexp.config.validation import flatten
+from capsexp.runkeys import keys_where
+from capsexp.config.tree import flatten
 
-IGNORED_KEYS = frozenset({"trainer.resume"})  # continuing a run does not make it a different run
+IGNORED_KEYS = frozenset(keys_where("tells_runs_apart", False))  # capsexp.runkeys: the one table
 ALARM_PREFIX = "alarm/"  # the text tags alarm/<condition>
 EVENTS_PREFIX = "events.out.tfevents."  # TensorBoard's event file names
 

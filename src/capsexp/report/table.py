@@ -139,6 +139,8 @@ def summarize(run: Run) -> dict[str, Any]:
            for s in STAGES},
         **{f"drift/{s}": _finite(m.get(f"drift/{s}"), _last(run, f"drift/{s}")) for s in STAGES},
         **coupling_entropy(run),
+        **{k: v for k, v in m.items() if k.startswith(("grad_ladder/", "routing/", "probe/"))
+           and isinstance(v, (int, float)) and math.isfinite(v)},
         "alarms": ",".join(fired) or ("yes" if run.alarm else ""),
         "alarm": str(alarm) if alarm else "",
     }
@@ -178,14 +180,20 @@ FORMATS = {"steps": "{:.0f}", "best_val_acc": "{:.3f}", "final_val_acc": "{:.3f}
 def _fmt(key: str, value: Any) -> str:
     if value is None or value == "":
         return ""
-    spec = FORMATS.get(key) or ("{:.3f}" if key.startswith(("drift/", "entropy/", "spread/drift/", "spread/best"))
-                                else "{:.3g}")
+    spec = FORMATS.get(key) or ("{:.3f}" if key.startswith(("drift/", "entropy/", "spread/drift/", "spread/best",
+                                                            "probe/"))
+                                else "{:.3e}" if key.startswith("routing/") else "{:.3g}")
     return spec.format(value) if isinstance(value, (int, float)) else str(value)
 
 
 DISPLAY = [("run", "run"), ("routing", "routing"), ("status", "status"), ("steps", "steps"), ("best_val_acc", "best acc"),
            ("final_val_acc", "final acc"), ("images_per_sec", "img/s"),
            *((f"grad_norm/{s}", s) for s in STAGES), ("early/head", "early/head"), ("alarms", "alarm")]
+# why, from metrics.json: one table each, columns as the runs name them (title, key prefix)
+WHY_TABLES = [("gradient ladder: median |dL/d hop| over the run, from the scores to the features", "grad_ladder/"),
+              ("routing, median over the run (entropy deficit: log J - H in nats; change: against uniform "
+               "coupling)", "routing/"),
+              ("linear probe accuracy per stage, last probe", "probe/")]
 # the per-stage learning measures, one table each: (title, key prefix)
 STAGE_TABLES = [("median update/weight per stage (one step's ||dw|| / ||w||)", "update_to_weight/"),
                 ("drift per stage at the last validation (linear CKA to the start; 1 = unchanged)", "drift/")]
@@ -205,6 +213,11 @@ def tables(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[tuple[str, st
         display = [("run", "run"), *((f"{prefix}{s}", s) for s in STAGES)]
         if any(row.get(f"{prefix}{s}") is not None for row in rows for s in STAGES):
             out.append((title, display, list(rows)))
+    for title, prefix in WHY_TABLES:
+        keys = list(dict.fromkeys(k for row in rows for k in row if k.startswith(prefix)))
+        if keys:
+            display = [("run", "run"), *((k, k[len(prefix):]) for k in keys)]
+            out.append((title, display, [row for row in rows if any(k in row for k in keys)]))
     routed = [row for row in rows if "entropy/uniform" in row or "entropy/iter1" in row]
     if routed:
         iters = sorted({k for row in routed for k in row if k.startswith("entropy/iter")}, key=lambda k: int(k[12:]))

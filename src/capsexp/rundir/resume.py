@@ -23,26 +23,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from capsexp.rundir.checkpoint import load_checkpoint, newest_checkpoint
+from capsexp.runkeys import keys_where
 from capsexp.errors import UserError
 from capsexp.rundir.folder import METRICS_FILE, refuse_taken_folder
 
 # the keys a resumed run may change, each with its descendants; every other key is the run's
 # meaning (data, model, loss, optimizer and schedule, seed, batch and epoch size, clipping, what
 # validation measures) and must stay as the checkpoint says
-CONTINUABLE: tuple[str, ...] = (
-    "trainer.max_epochs", "trainer.max_steps",  # the length: raise either to extend a run
-    "trainer.resume",
-    # where and how the same arithmetic runs
-    "trainer.device", "trainer.precision", "trainer.channels_last", "trainer.compile",
-    "trainer.on_nonfinite",  # what a fault does: e.g. resume a stopped run with skip
-    "trainer.checkpoints",
-    # what is shown, logged and timed
-    "trainer.progress", "trainer.progress_every_n_steps", "trainer.log_every_n_steps",
-    "trainer.warmup_steps_excluded",
-    "grads.log_every_n_steps", "grads.histogram_every_n_steps", "grads.figure_every_n_steps", "grads.alarm",
-    "data.num_workers", "data.download",  # how the same images are loaded
-    "name",  # the label of a folder Hydra names
-)
+CONTINUABLE: tuple[str, ...] = keys_where("continuable")  # capsexp.runkeys: the one table
 OPTION_GROUPS = ("backbone", "adapter", "head", "loss", "data", "optim")
 
 
