@@ -148,10 +148,12 @@ def test_a_backbone_trained_on_the_task_has_a_layer4_probe_above_chance(tmp_path
                    "grads.drift.probe_images=0", "trainer.log_every_n_steps=50", "grads.log_every_n_steps=50",
                    "grads.figure_every_n_steps=0", tiny=True), run_dir=trained)
     run = tmp_path / "probe"
-    train(make_cfg("data.image_size=64", "data.val_size=128", f"backbone.weights={trained / 'checkpoints' / 'last.pt'}",
-                   "grads.probe.images=128", "trainer.max_steps=1"), run_dir=run)
+    # 512 probe images: chance 0.125 give or take 2 standard errors of 0.015
+    train(make_cfg("data.image_size=64", "data.train_size=512", "data.val_size=512",
+                   f"backbone.weights={trained / 'checkpoints' / 'last.pt'}", "grads.probe.images=512",
+                   "trainer.max_steps=1"), run_dir=run)
     layer4 = scalars(run)["probe/layer4"][0]
-    chance, standard_error = 1 / 8, math.sqrt(1 / 8 * 7 / 8 / 128)
+    chance, standard_error = 1 / 8, math.sqrt(1 / 8 * 7 / 8 / 512)
     assert layer4[0] == 0 and layer4[1] > chance + 2 * standard_error, layer4
 
 

@@ -92,8 +92,10 @@ class GradientMonitor:
         self.history = RunHistory()
         self.flow: list[tuple[int, dict[str, float]]] = []
         self.drift = DriftProbe(probe, {name: self.stages[name] for name in trainable_stages(self.stages)})
+        # the trainable backbone stages: a frozen stage writes nothing at all, as everywhere
+        backbone = [s for s in trainable_stages(self.stages) if s in model.backbone.stages()]
         self.probe = LinearProbe(probe_set if probe_set is not None else ProbeSet.empty(),
-                                 dict(model.backbone.stages()), num_classes)
+                                 {s: self.stages[s] for s in backbone}, num_classes)
         self.probe_every = int(grads_cfg.probe.every_n_validations)
         self.validations = 0       # validations so far (the probe's interval counts them)
         self.probed_start = False  # probe/<stage> at step 0 written (a resumed run does not repeat it)
@@ -163,8 +165,11 @@ class GradientMonitor:
             if name != "features" and tensor.requires_grad:
                 tensor.register_hook(functools.partial(self._keep_hop, name))
 
-    def _keep_hop(self, name: str, grad: Tensor) -> None:
-        self._ladder[name] = torch.linalg.vector_norm(grad.detach().float())
+    def _keep_hop(self, name: str, grad: Tensor | None) -> None:
+        # None: under trainer.compile a hop inside the compiled graph gets its gradient there, and
+        # its returned copy none from outside; the ladder then leaves that hop out
+        if grad is not None:
+            self._ladder[name] = torch.linalg.vector_norm(grad.detach().float())
 
     def after_update(self, step: int, updated: bool) -> None:
         """On logging steps: update/weight per stage, the features gradient and the gradient ladder,
