@@ -22,6 +22,7 @@ TINY = [
     "trainer.max_epochs=1", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
     "trainer.warmup_steps_excluded=1", "trainer.progress=false",
     "grads.log_every_n_steps=1", "grads.figure_every_n_steps=2", "optim.warmup_steps=1",
+    "grads.probe.images=0",  # the linear probes cost a second per run: the tests about them turn them on
 ]
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # every step logged, no figures: a short run that still writes every diagnostic
 QUICK = ["head=capsule", "adapter=conv", "optim.scheduler=constant", "optim.warmup_steps=0",
-         "grads.figure_every_n_steps=0", "data.train_size=32", "data.val_size=8"]
+         "grads.figure_every_n_steps=0", "data.train_size=32", "data.val_size=8", "grads.probe.images=8"]
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -43,7 +43,8 @@ def test_each_routing_trains_writes_every_diagnostic_and_resumes_bit_for_bit(rou
     assert metrics["status"] == "completed" and math.isfinite(metrics["train/loss"])
     tags = scalars(straight)
     for tag in ("grad_norm/head", "grad_norm/stem", "update_to_weight/head", "grad_norm/features", "drift/head",
-                "capsule/coupling_entropy/iter1", "capsule/true_class_length", "val/acc"):
+                "capsule/coupling_entropy/iter1", "capsule/true_class_length", "val/acc", "grad_ladder/scores",
+                "grad_ladder/features", "routing/entropy_deficit", "routing/change", "probe/layer4"):
         assert tag in tags, (routing, tag)
     # the head's own loss, as the registry says
     assert load_checkpoint(straight / "checkpoints" / "last.pt")["config"]["loss"]["name"] == \
