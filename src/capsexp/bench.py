@@ -38,20 +38,12 @@ from capsexp.data.catalog import CLASS_COUNTS
 from capsexp.models.adapters import ADAPTERS
 from capsexp.models.heads import POOLS
 from capsexp.models.routing import ROUTINGS
+from capsexp.report.bench import format_markdown, format_table  # noqa: F401 -- format_table: for callers
 from capsexp.runtime import PeakMemory, Runtime, setup_runtime
 
 BENCH_FILE = "bench.json"
 BENCH_MARKDOWN = "bench.md"
 
-# (text-table title, width: negative = left-aligned text, Markdown title or None, row key, format)
-COLUMNS: list[tuple[str, int, str | None, str, str]] = [
-    ("name", -28, "row", "name", ""), ("head", -7, None, "head", ""), ("adapter", -7, "adapter", "adapter", ""),
-    ("routing", -9, "routing", "routing", ""), ("iters", 5, "routing iters", "routing_iterations", ""), ("I", 6, "input capsules I", "input_capsules", ""),
-    ("grads", -22, "grad diagnostics", "grads", ""), ("ms/step", 9, "step ms (median)", "step_ms_median", ".1f"),
-    ("img/s", 8, "images/s", "images_per_sec", ".1f"), ("peak MB", 8, "peak MB", "peak_memory_mb", ".0f"),
-    ("x fc", 6, "x fc", "vs_fc", ".2f"), ("x off", 6, "x grads off", "vs_grads_off", ".2f"),
-    ("drift ms", 9, "drift ms / validation", "drift_ms_per_validation", ".1f"),
-    ("x step", 6, "drift in steps", "drift_vs_step", ".2f")]
 BENCH_CHECKS: list[Check] = [  # (key under bench., predicate, what is allowed)
     ("warmup_steps", integer(0), "an integer >= 0"), ("steps", integer(1), "an integer >= 1"),
     ("drift_repeats", integer(0), "an integer >= 0"), ("heads", boolean, "true or false"),
@@ -404,28 +396,3 @@ def _warn_interval(cfg: DictConfig, rows: list[Row]) -> None:
     elif default and 0 < figures and int(cfg.bench.warmup_steps) + int(cfg.bench.steps) < figures:
         print(f"capsexp: note: the rows time no gradient figure (grads.figure_every_n_steps={figures}); "
               f"bench.steps={figures} counts one at its share.", flush=True)
-
-
-def _cell(value: Any, spec: str, none: str) -> str:
-    return none if value is None else format(value, spec)
-
-
-def _align(text: str, width: int) -> str:
-    return f"{text:<{-width}}" if width < 0 else f"{text:>{width}}"
-
-
-def format_markdown(report: dict[str, Any]) -> str:
-    """The bench as a Markdown table under a line saying where and how it ran (for a README)."""
-    columns = [c for c in COLUMNS if c[2] is not None]
-    lines = [f"{report['setup']}.", "", "| " + " | ".join(t for _, _, t, _, _ in columns if t is not None) + " |",
-             "|" + "|".join("---" if width < 0 else "---:" for _, width, *_ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(r[key], spec, "–") for *_, key, spec in columns) + " |" for r in report["rows"]]
-    lines += ["", f"Peak MB: {report['memory']}. Drift: {report['drift']}."]
-    return "\n".join(lines) + "\n"
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a fixed-width text table (step time is the median, images/s the mean)."""
-    header = " ".join(_align(title, width) for title, width, *_ in COLUMNS)
-    return "\n".join([header, "-" * len(header)] + [" ".join(_align(_cell(r[key], spec, "-"), width)
-                                                            for _, width, _, key, spec in COLUMNS) for r in rows])

@@ -174,21 +174,8 @@ def attention_routing(
         ``[iterations, B, I, J]`` whose entry ``k`` is the ``c`` of iteration ``k+1``'s sum.
         Gradients flow through every iteration.
 
-    Differences from the reference implementation (``CapsuleFC`` of
-    apple/ml-capsules-inverted-attention-routing):
-
-    * the agreement is scaled by ``1/sqrt(D)``, as in that code's ``self.scale``; the paper's
-      eq. 2 is the bare dot product. Without it the logits grow with ``D`` and the softmax
-      saturates after the first update;
-    * the code renormalises the softmax as ``c / (sum_j c + 1e-10)``; a softmax already sums
-      to one, so capsexp leaves that out;
-    * the code applies dropout to ``v`` inside the layer; capsexp leaves dropout to the caller
-      so that this function is deterministic;
-    * the code skips the layer norm when ``D == 1``. The default ``norm`` maps a
-      one-dimensional capsule to zero (it is its own mean), so pass ``norm=lambda s: s`` there;
-    * the code recomputes the votes from ``W`` and the inputs in every iteration and, in a
-      deep capsule network, routes all layers concurrently; for one routed layer both are
-      the same as routing precomputed votes as here.
+    Where it differs from ``CapsuleFC`` (apple/ml-capsules-inverted-attention-routing) and why:
+    docs/capsule-head.md. For ``D == 1`` pass ``norm=lambda s: s`` (a layer norm maps it to 0).
     """
     iterations = _check_iterations(iterations)
     if u_hat.dim() != 4 or min(u_hat.shape[1:]) < 1:
@@ -288,6 +275,40 @@ def self_routing(
     return a_out
 
 
+def _check_em(votes: Tensor, a_in: Tensor, beta_u: Tensor, beta_a: Tensor, final_lambda: float) -> None:
+    if (
+        isinstance(final_lambda, bool)
+        or not isinstance(final_lambda, (int, float))
+        or not math.isfinite(final_lambda)
+        or final_lambda <= 0
+    ):
+        raise ValueError(f"final_lambda must be a finite number > 0; got {final_lambda!r}")
+    if votes.dim() != 4 or min(votes.shape[1:]) < 1:
+        raise ValueError(
+            f"votes must have shape [B, I, J, P] with I, J, P >= 1; got {tuple(votes.shape)}"
+        )
+    batch, inputs, outputs, _ = votes.shape
+    if tuple(a_in.shape) != (batch, inputs):
+        raise ValueError(f"a_in must have shape [B, I] = {(batch, inputs)}; got {tuple(a_in.shape)}")
+    for name, beta in (("beta_u", beta_u), ("beta_a", beta_a)):
+        if tuple(beta.shape) != (outputs,):
+            raise ValueError(f"{name} must have shape [J] = [{outputs}]; got {tuple(beta.shape)}")
+
+
+def _m_step(r: Tensor, a_in: Tensor, votes: Tensor, beta_u: Tensor, beta_a: Tensor,
+            inverse_temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EM routing's M-step: ``(mu [B, J, P], V - mu [B, I, J, P], sigma^2 [B, J, P], the activation
+    logit [B, J])`` from the assignments ``r`` ``[B, I, J]`` weighted by the input activations."""
+    weighted = r * a_in.unsqueeze(-1)  # [B, I, J]
+    mass = weighted.sum(dim=1)  # [B, J]
+    share = weighted / mass.clamp_min(torch.finfo(r.dtype).tiny).unsqueeze(1)  # [B, I, J]
+    mu = torch.einsum("bij,bijp->bjp", share, votes)
+    deviation = votes - mu.unsqueeze(1)  # [B, I, J, P]
+    variance = torch.einsum("bij,bijp->bjp", share, deviation.pow(2)) + EM_VARIANCE_EPS
+    cost = (beta_u.unsqueeze(-1) + 0.5 * torch.log(variance)) * mass.unsqueeze(-1)  # [B, J, P]
+    return mu, deviation, variance, inverse_temperature * (beta_a - cost.sum(dim=-1))
+
+
 @overload
 def em_routing(votes: Tensor, a_in: Tensor, beta_u: Tensor, beta_a: Tensor, iterations: int,
                final_lambda: float = ..., return_couplings: Literal[False] = ...) -> tuple[Tensor, Tensor]: ...
@@ -342,52 +363,15 @@ def em_routing(
     ``eps`` is ``EM_VARIANCE_EPS`` (1e-8), added to every variance. The schedule ``lambda_t``
     is the one the authors gave on OpenReview (the paper only says that ``lambda`` grows).
 
-    Differences from the reference implementation (``EmRouting2d`` of coder3000/SR-CapsNet):
-
-    * the reference starts from ``R = 1`` rather than ``1/J``. The means and variances do not
-      depend on the scale of ``R``, but the costs do: its first M-step has ``sum_i R_ij``
-      ``J`` times larger, so with one iteration the activations differ. capsexp starts from
-      the normalised assignment of the paper;
-    * the reference adds 1e-12 to ``sum_i R_ij`` and to ``sigma^2``. capsexp adds
-      ``EM_VARIANCE_EPS`` to ``sigma^2`` (1e-12 is below float32 resolution for variances
-      of order one and gives log sigma about -13.8 for agreeing votes) and clamps
-      ``sum_i R_ij`` at the smallest normal number, which only matters when every ``a_i``
-      of an example is zero;
-    * the reference's log-density uses ``log(sigma^2 * log(2 pi))`` where ``log(2 pi
-      sigma^2)`` is meant; the error is the same constant for every ``j`` and cancels in the
-      softmax, so the assignments agree. capsexp writes the true log-density;
-    * capsexp takes ``log a_j`` as ``logsigmoid`` of the logit instead of ``log(sigmoid)``,
-      which is ``-inf`` once the sigmoid underflows;
-    * neither normalises the cost. Some implementations standardise ``cost_h`` over ``J`` or
-      divide it by the number of inputs so that ``sigmoid`` does not saturate for large
-      ``I``; capsexp keeps the paper's cost and leaves the scale to ``beta_u``, ``beta_a``
-      and ``final_lambda``;
-    * the reference keeps ``lambda`` as module state; here it is computed per step.
+    Where it differs from ``EmRouting2d`` (coder3000/SR-CapsNet) and why: docs/capsule-head.md.
     """
     iterations = _check_iterations(iterations)
-    if (
-        isinstance(final_lambda, bool)
-        or not isinstance(final_lambda, (int, float))
-        or not math.isfinite(final_lambda)
-        or final_lambda <= 0
-    ):
-        raise ValueError(f"final_lambda must be a finite number > 0; got {final_lambda!r}")
-    if votes.dim() != 4 or min(votes.shape[1:]) < 1:
-        raise ValueError(
-            f"votes must have shape [B, I, J, P] with I, J, P >= 1; got {tuple(votes.shape)}"
-        )
+    _check_em(votes, a_in, beta_u, beta_a, final_lambda)
     batch, inputs, outputs, _ = votes.shape
-    if tuple(a_in.shape) != (batch, inputs):
-        raise ValueError(f"a_in must have shape [B, I] = {(batch, inputs)}; got {tuple(a_in.shape)}")
-    for name, beta in (("beta_u", beta_u), ("beta_a", beta_a)):
-        if tuple(beta.shape) != (outputs,):
-            raise ValueError(f"{name} must have shape [J] = [{outputs}]; got {tuple(beta.shape)}")
-
     with torch.autocast(device_type=votes.device.type, enabled=False):
         dtype = _common_dtype(votes, a_in, beta_u, beta_a)
         votes, a_in = votes.to(dtype), a_in.to(dtype)
         beta_u, beta_a = beta_u.to(dtype), beta_a.to(dtype)
-        tiny = torch.finfo(dtype).tiny
         log_2pi = math.log(2.0 * math.pi)
         r = votes.new_full((batch, inputs, outputs), 1.0 / outputs)
         couplings: list[Tensor] = []
@@ -396,16 +380,8 @@ def em_routing(
                 couplings.append(r.detach())
             inverse_temperature = final_lambda * (1.0 - EM_LAMBDA_DECAY**step)
 
-            # M-step
-            weighted = r * a_in.unsqueeze(-1)  # [B, I, J]
-            mass = weighted.sum(dim=1)  # [B, J]
-            share = weighted / mass.clamp_min(tiny).unsqueeze(1)  # [B, I, J]
-            mu = torch.einsum("bij,bijp->bjp", share, votes)
-            deviation = votes - mu.unsqueeze(1)  # [B, I, J, P]
-            variance = torch.einsum("bij,bijp->bjp", share, deviation.pow(2)) + EM_VARIANCE_EPS
+            mu, deviation, variance, logit = _m_step(r, a_in, votes, beta_u, beta_a, inverse_temperature)
             log_variance = torch.log(variance)
-            cost = (beta_u.unsqueeze(-1) + 0.5 * log_variance) * mass.unsqueeze(-1)  # [B, J, P]
-            logit = inverse_temperature * (beta_a - cost.sum(dim=-1))  # [B, J]
             a_out = torch.sigmoid(logit)
             if step == iterations:
                 break
