@@ -32,14 +32,25 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
+def _single_thread() -> Iterator[None]:
     # one intra-op thread: on a shared 2-core runner, OpenMP threads waiting at a barrier for a
     # descheduled peer can make a step tens of times slower
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_everywhere() -> Iterator[None]:
+    # every test of the session (and run_cli's commands, through OMP_NUM_THREADS=1)
+    yield from _single_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    # kept for the modules that ask for it by name; the session already runs on one thread
+    yield from _single_thread()
 
 
 def make_cfg(*overrides: str, tiny: bool = True, config_name: str = "config") -> DictConfig:
@@ -53,7 +64,8 @@ def make_cfg(*overrides: str, tiny: bool = True, config_name: str = "config") ->
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess:
-    """Run the real ``capsexp`` command in a subprocess (the way a user does)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    """Run the real ``capsexp`` command in a subprocess (the way a user does), on one intra-op thread
+    as the tests in this process (``env`` may say otherwise)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "capsexp", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

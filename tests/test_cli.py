@@ -14,7 +14,7 @@ from capsexp.config.overrides import check_command_line
 from conftest import make_cfg, run_cli
 
 
-@pytest.mark.parametrize("flag", ["--version", "-V"])
+@pytest.mark.parametrize("flag", ["--version", pytest.param("-V", marks=pytest.mark.slow)])
 def test_version_names_capsexp_torch_and_torchvision(flag: str, tmp_path: Path) -> None:
     done = run_cli(flag, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -43,6 +43,7 @@ def test_bench_keys_are_refused_on_train_and_accepted_on_bench(tmp_path: Path) -
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bench_shows_its_config_and_help(tmp_path: Path) -> None:
     shown = run_cli("bench", "--cfg", "job", "bench.steps=3", "head=capsule", cwd=tmp_path, timeout=120)
     assert shown.returncode == 0, shown.stderr

@@ -95,14 +95,18 @@ def test_a_non_finite_gradient_on_a_fresh_run_says_nothing_was_kept(tmp_path: Pa
 
 
 @pytest.mark.parametrize("overrides, message", [
+    # one case in the quick suite; each further case is another process start
     (["data.image_size=100000"], "data.image_size=100000 with data.batch_size=8 needs at least "),
-    (["data.image_size=100000", "data.batch_size=1"], "data.image_size=100000 with data.batch_size=1 needs at "),
-    (["data.batch_size=1"], "data.batch_size=1 with data.image_size=32 (a 1x1 feature map) gives BatchNorm in "
-                            "layer4 one value per channel, which it cannot train on; use data.batch_size >= 2 "
-                            "(per process) or data.image_size >= 33."),
-    (["data.batch_size=1", "backbone.freeze_depth=5", "adapter=conv", "adapter.norm=batch"],
-     "data.batch_size=1 with data.image_size=32 (a 1x1 feature map) gives BatchNorm in the conv adapter"),
-    ([f"seed={2**64}"], f"seed={2**64} is not allowed; it must be an integer from 0 to 2**63 - 1."),
+    pytest.param(["data.image_size=100000", "data.batch_size=1"],
+                 "data.image_size=100000 with data.batch_size=1 needs at ", marks=pytest.mark.slow),
+    pytest.param(["data.batch_size=1"], "data.batch_size=1 with data.image_size=32 (a 1x1 feature map) gives "
+                 "BatchNorm in layer4 one value per channel, which it cannot train on; use data.batch_size >= 2 "
+                 "(per process) or data.image_size >= 33.", marks=pytest.mark.slow),
+    pytest.param(["data.batch_size=1", "backbone.freeze_depth=5", "adapter=conv", "adapter.norm=batch"],
+                 "data.batch_size=1 with data.image_size=32 (a 1x1 feature map) gives BatchNorm in the conv adapter",
+                 marks=pytest.mark.slow),
+    pytest.param([f"seed={2**64}"], f"seed={2**64} is not allowed; it must be an integer from 0 to 2**63 - 1.",
+                 marks=pytest.mark.slow),
 ])
 def test_what_a_step_would_crash_on_is_one_sentence_before_anything_is_written(
         overrides: list[str], message: str, tmp_path: Path) -> None:
@@ -145,7 +149,7 @@ def test_metrics_count_the_skipped_images(tmp_path: Path) -> None:
     tiny = [a for a in TINY if not a.startswith(("data.train_size", "data.val_size", "data.batch_size"))]
     cfg = make_cfg("data=imagefolder", f"data.root={tmp_path / 'images'}", "data.on_bad_image=skip",
                    "data.val_fraction=0.25", "data.batch_size=3", "data.num_workers=0", "backbone=resnet18", "trainer.max_epochs=2",
-                   "trainer.max_steps=6", *tiny, tiny=False)
+                   "trainer.max_steps=6", *tiny, "grads.figure_every_n_steps=0", tiny=False)
     metrics = train(cfg, run_dir=tmp_path / "run")
     assert metrics["bad_images"] == 1
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["bad_images"] == 1

@@ -219,6 +219,7 @@ def test_bad_file_found_in_a_loader_worker_is_named_in_one_sentence(tmp_path: Pa
     assert "\n" not in message and "Traceback" not in message and "worker" not in message
 
 
+@pytest.mark.slow
 def test_cli_stops_with_one_line_naming_the_file(tmp_path: Path) -> None:
     for c in ("a", "b"):
         for i in range(2):

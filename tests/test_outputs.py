@@ -93,6 +93,7 @@ def test_folder_labels(overrides: tuple[str, ...], label: str) -> None:
     assert label_of(*overrides) == label
 
 
+@pytest.mark.slow
 def test_a_label_that_is_no_file_name_is_refused(tmp_path: Path) -> None:
     proc = run_cli("train", "name=../up", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -114,12 +115,14 @@ def test_trainer_checkpoints_keeps_what_it_says(policy: str, files: list[str], t
     assert kept == [f"checkpoints/{name}" for name in files]  # and no temporary file beside them
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_without_checkpoints_says_it_cannot_be_resumed(tmp_path: Path) -> None:
-    args = [o for o in TINY if not o.startswith(("trainer.progress=", "trainer.max_steps="))]
+    args = [o for o in TINY if not o.startswith(("trainer.progress=", "trainer.max_steps=",
+                                                  "grads.figure_every_n_steps="))]
     cmd = [sys.executable, "-m", "capsexp", "train", *args, "trainer.max_steps=6", "trainer.progress=auto",
-           "trainer.progress_every_n_steps=1", "trainer.checkpoints=none", f"hydra.run.dir={tmp_path / 'run'}"]
+           "trainer.progress_every_n_steps=1", "trainer.checkpoints=none", "grads.figure_every_n_steps=0", f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     for line in proc.stderr:  # the loop owns SIGINT once a step has been trained
         if line.startswith("capsexp: step 2/6"):
             proc.send_signal(signal.SIGINT)
@@ -194,6 +197,7 @@ def test_report_labels_name_what_differs_and_no_unset_null(two_runs: Path, tmp_p
         assert same not in fc + capsule
 
 
+@pytest.mark.slow
 def test_report_says_when_runs_are_too_short_for_accuracy(two_runs: Path, tmp_path: Path) -> None:
     root = tmp_path / "runs"
     shutil.copytree(two_runs, root)
@@ -229,6 +233,7 @@ def test_report_figure_shows_chance_on_a_zero_to_one_axis(two_runs: Path) -> Non
     assert len(chance) == 1 and list(chance[0].get_ydata()) == pytest.approx([1 / 8, 1 / 8])
 
 
+@pytest.mark.slow
 def test_report_reads_event_files_of_older_run_folders(named_run: tuple[Path, subprocess.CompletedProcess],
                                                       tmp_path: Path) -> None:
     old = tmp_path / "old" / "run"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -82,6 +83,7 @@ def test_every_bad_input_is_one_sentence_naming_the_key(tmp_path: Path) -> None:
     assert not failures, failures
 
 
+@pytest.mark.slow
 def test_capsexp_errors_print_one_line(tmp_path: Path) -> None:
     proc = run_cli("train", "backbone.freeze_depth=9", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -155,6 +157,14 @@ def test_truncated_checkpoint_is_reported_clearly(tmp_path: Path) -> None:
     cut.write_bytes(good.read_bytes()[:500])
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(cut)
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint_is_reported_clearly_by_the_command(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    save_checkpoint({"model": {"w": torch.randn(1000)}}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:500])
     proc = run_cli("train", *TINY, f"trainer.resume={cut}", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "trainer.resume" in proc.stderr and "truncated" in proc.stderr
@@ -194,7 +204,9 @@ def test_sigint_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one(t
 
     run_dir = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "capsexp", "train", *args, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # on one thread, as run_cli runs the other two: the same arithmetic, the same metrics
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 300
     # interrupt once training has logged its second step (the loop owns SIGINT by then)
     while time.time() < deadline and proc.poll() is None:
@@ -243,7 +255,13 @@ HYDRA_LEVEL_MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize("args, message", HYDRA_LEVEL_MISTAKES)
+# two cases (a group option, a job of a sweep) in the quick suite; each further case is another process start
+QUICK_MISTAKES = (0, 8)
+
+
+@pytest.mark.parametrize("args, message", [
+    case if index in QUICK_MISTAKES else pytest.param(*case, marks=pytest.mark.slow)
+    for index, case in enumerate(HYDRA_LEVEL_MISTAKES)])
 def test_composition_mistakes_are_one_sentence_before_anything_is_written(args: list[str], message: str,
                                                                           tmp_path: Path) -> None:
     proc = run_cli("train", *args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
@@ -281,12 +299,16 @@ def test_more_values_checked_before_training(override: str, message: str) -> Non
     assert str(caught.value).startswith(message)
 
 
-def test_flags_may_follow_overrides_and_conflicting_modes_are_one_sentence(tmp_path: Path) -> None:
+def test_flags_may_follow_overrides_and_conflicting_modes_are_one_sentence() -> None:
     from capsexp.config.argv import hydra_argv
 
     assert hydra_argv(["head=capsule", "-m", "head.routing.iterations=1,3", "--info", "defaults", "seed=1"]) == \
         ["-m", "--info", "defaults", "head=capsule", "head.routing.iterations=1,3", "seed=1"]
     assert hydra_argv(["-cn", "other", "--cfg", "job", "a=1"]) == ["-cn", "other", "--cfg", "job", "a=1"]
+
+
+@pytest.mark.slow
+def test_flags_may_follow_overrides_and_conflicting_modes_are_one_sentence_in_the_command(tmp_path: Path) -> None:
     shown = run_cli("train", "head=capsule", "--cfg", "job", cwd=tmp_path, timeout=120)
     assert shown.returncode == 0 and "name: capsule" in shown.stdout
     both = run_cli("train", "-m", "head=fc,capsule", "--cfg", "job", cwd=tmp_path, timeout=120)

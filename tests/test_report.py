@@ -91,6 +91,10 @@ def test_missing_or_empty_folder_is_a_user_error(tmp_path: Path) -> None:
         main([str(tmp_path / "absent")])
     with pytest.raises(UserError, match="no runs below"):
         main([str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_missing_folder_is_one_sentence_from_the_command(tmp_path: Path) -> None:
     proc = run_cli("report", str(tmp_path / "absent"), cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("capsexp: error:") and "Traceback" not in proc.stderr
 
@@ -123,6 +127,7 @@ def test_report_compares_the_sweep(sweep: Path, tmp_path: Path) -> None:
     check_png(sweep / "report.png")
 
 
+@pytest.mark.slow
 def test_report_survives_crashed_and_running_runs(sweep: Path, tmp_path: Path) -> None:
     folder = tmp_path / "sweep"
     shutil.copytree(sweep, folder, ignore=shutil.ignore_patterns("checkpoints", "report.*"))

@@ -52,6 +52,7 @@ def test_a_changed_option_is_named_once(mid_epoch_run: Path) -> None:
     assert sorted(changed_keys(old, cfg)) == [("head.name", "fc", "capsule"), ("loss.name", "ce", "margin"), ("seed", 0, 3)]
 
 
+@pytest.mark.slow
 def test_what_may_change_is_applied_and_config_yaml_says_so(mid_epoch_run: Path) -> None:
     run = mid_epoch_run
     proc = run_cli("train", *ARGS, "trainer.max_epochs=2", "trainer.max_steps=3", "trainer.resume=auto",
@@ -66,6 +67,7 @@ def test_what_may_change_is_applied_and_config_yaml_says_so(mid_epoch_run: Path)
     assert (run / "checkpoints" / "best.pt").exists()
 
 
+@pytest.mark.slow
 def test_resume_auto_into_a_complete_run_changes_nothing_unless_it_is_extended(tmp_path: Path) -> None:
     run = tmp_path / "run"
     done = run_cli("train", *ARGS, "trainer.max_epochs=1", f"hydra.run.dir={run}", cwd=tmp_path, timeout=300)
@@ -94,6 +96,7 @@ def test_a_complete_run_without_checkpoints_is_left_alone(tmp_path: Path) -> Non
     assert metrics["status"] == "completed" and _snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_a_resume_from_elsewhere_never_overwrites_another_run(mid_epoch_run: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     train(make_cfg(*ARGS[len(TINY):], "trainer.max_epochs=1", "trainer.checkpoints=none"), run_dir=other)

@@ -107,29 +107,28 @@ def test_one_sweep_over_every_routing_and_pooling_gives_one_report(tmp_path: Pat
     the iterations and says so), then one report table with a routing column."""
     tiny = ["backbone=resnet18", "data.image_size=32", "data.train_size=16", "data.val_size=8", "data.batch_size=8",
             "trainer.max_steps=2", "trainer.progress=false", "grads.figure_every_n_steps=0"]
-    sweep = tmp_path / "sweep"
+    heads = tmp_path / "heads"
     proc = run_cli("train", "-m", "head=capsule", "adapter=conv", "head.routing.name=dynamic,attention,self,em",
-                   *tiny, f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=900)
+                   *tiny, f"hydra.sweep.dir={heads / 'routings'}", cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "head.routing.iterations does not apply to head.routing.name=self" in proc.stdout
-    fc = tmp_path / "fc"
-    proc = run_cli("train", "-m", "head=fc", "head.pool=avg,max,flatten", *tiny, f"hydra.sweep.dir={fc}",
+    proc = run_cli("train", "-m", "head=fc", "head.pool=avg,max,flatten", *tiny, f"hydra.sweep.dir={heads / 'fc'}",
                    cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_cli("report", str(sweep), cwd=tmp_path)
+    # one report over both sweeps: one table, a routing column
+    proc = run_cli("report", str(heads), cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.splitlines()[0].split()[:2] == ["run", "routing"]
-    with (sweep / "report.csv").open(newline="") as handle:
+    with (heads / "report.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert sorted(r["routing"] for r in rows) == ["attention-r3", "dynamic-r3", "em-r3", "self"]
-    assert run_cli("report", str(fc), cwd=tmp_path).returncode == 0
-    with (fc / "report.csv").open(newline="") as handle:
-        assert sorted(r["routing"] for r in csv.DictReader(handle)) == ["(fc avg)", "(fc flatten)", "(fc max)"]
+    assert sorted(r["routing"] for r in rows) == ["(fc avg)", "(fc flatten)", "(fc max)", "attention-r3",
+                                                  "dynamic-r3", "em-r3", "self"]
 
 
 def test_a_single_self_routing_run_is_named_without_iterations(tmp_path: Path) -> None:
     proc = run_cli("train", "head=capsule", "head.routing.name=self", "backbone=resnet18", "data.image_size=32",
                    "data.train_size=8", "data.val_size=8", "data.batch_size=8", "trainer.max_steps=1",
-                   "trainer.progress=false", cwd=tmp_path)
+                   "trainer.progress=false", "grads.figure_every_n_steps=0", "grads.drift.probe_images=0",
+                   "grads.probe.images=0", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     folders = [p.name for p in (tmp_path / "outputs" / "runs").glob("*/*")]
     assert len(folders) == 1 and folders[0].endswith("_capsule-none-self-resnet18"), folders

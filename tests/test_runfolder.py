@@ -26,7 +26,7 @@ LOCK = ".capsexp.lock"
 def _start(*args: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "capsexp", "train", *args], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:

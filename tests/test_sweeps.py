@@ -140,12 +140,16 @@ def test_capsule_presets_keep_the_capsule_default_loss_unless_given() -> None:
     assert compose_hydra("experiment=fc_vs_capsule", "head=capsule", "loss=spread").loss.name == "spread"
 
 
-def test_seed_scenario_requires_backbone_weights(tmp_path: Path) -> None:
+def test_seed_scenario_requires_backbone_weights() -> None:
     cfg = compose_hydra("experiment=seed_scenario")
     with pytest.raises(Exception, match="backbone.weights="):
         OmegaConf.to_container(cfg.backbone, resolve=True)
     given = compose_hydra("experiment=seed_scenario", "backbone.weights=run/checkpoints/best.pt")
     assert given.backbone.weights == "run/checkpoints/best.pt" and given.head.name == "capsule"
+
+
+@pytest.mark.slow
+def test_seed_scenario_without_backbone_weights_is_one_sentence_from_the_command(tmp_path: Path) -> None:
     proc = run_cli("train", "experiment=seed_scenario", *TINY, f"hydra.run.dir={tmp_path / 'run'}",
                    cwd=tmp_path, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert proc.returncode == 2 and "capsexp: error: experiment=seed_scenario needs" in proc.stderr
