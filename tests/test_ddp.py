@@ -38,6 +38,9 @@ COMMON = ["data.train_size=32", "data.val_size=15", "trainer.max_steps=6", "trai
 CASES = {
     "fc": ["head=fc", "adapter=conv", "adapter.norm=group", "adapter.width=64"],
     "capsule": ["head=capsule", "adapter=none", "head.primary.types=8"],
+    # another routing, with its own loss (ce); self and EM routing normalise their primary capsules
+    # with BatchNorm, whose batch statistics differ between one batch and two halves by design
+    "capsule-attention": ["head=capsule", "adapter=none", "head.primary.types=8", "head.routing.name=attention"],
 }
 
 

@@ -61,6 +61,14 @@ def test_each_routing_trains_writes_every_diagnostic_and_resumes_bit_for_bit(rou
     assert scalars(resumed)["train/loss"] == tags["train/loss"][-len(scalars(resumed)["train/loss"]):]
 
 
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_each_routing_trains_under_bf16_autocast_and_routes_in_float32(routing: str, tmp_path: Path) -> None:
+    metrics = train(make_cfg(*QUICK, f"head.routing.name={routing}", "trainer.precision=bf16",
+                             "trainer.max_steps=2"), run_dir=tmp_path / "run")
+    assert metrics["status"] == "completed" and math.isfinite(metrics["train/loss"])
+    assert all(math.isfinite(v) for k, v in metrics.items() if k.startswith(("grad_norm/", "routing/")))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_each_routing_trains_on_the_7x7_map_of_224_px(routing: str, tmp_path: Path) -> None:
