@@ -31,7 +31,9 @@ def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-@pytest.mark.parametrize("routing", list(ROUTINGS))
+# three runs per routing: the default routing in the quick suite, the others with the longer runs
+@pytest.mark.parametrize("routing", [r if r == "dynamic" else pytest.param(r, marks=pytest.mark.slow)
+                                     for r in ROUTINGS])
 def test_each_routing_trains_writes_every_diagnostic_and_resumes_bit_for_bit(routing: str, tmp_path: Path) -> None:
     args = [*QUICK, f"head.routing.name={routing}", "trainer.max_epochs=2"]
     if ROUTINGS[routing].default_loss == "spread":
