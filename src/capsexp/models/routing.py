@@ -79,7 +79,7 @@ class DynamicRouting(nn.Module):
         v = squash(s)
         scores = capsule_length(v)
         with torch.no_grad():
-            v1 = squash(dynamic_routing_sum(u_hat.detach(), 1)[0])
+            v1 = squash(dynamic_routing_sum(u_hat.detach(), 1, return_couplings=False)[0])
         hops = {"scores": scores, "class_capsules": v, "presquash": s, "votes": u_hat, "primary": u,
                 "primary_presquash": raw}
         return Routed(scores, v, Measured(c, c[0], v.detach(), v1, capsule_length(u.detach()), hops))

@@ -80,20 +80,21 @@ def dynamic_routing(
 
     The routing logits ``b`` start at zero on every call: nothing is kept between calls.
     """
-    s, couplings = dynamic_routing_sum(u_hat, iterations, detach, logit_scale)
+    s, couplings = dynamic_routing_sum(u_hat, iterations, detach, logit_scale, return_couplings)
     v = squash(s)
     if return_couplings:
         return v, couplings
     return v
 
 
-def dynamic_routing_sum(u_hat: Tensor, iterations: int, detach: bool = False,
-                        logit_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+def dynamic_routing_sum(u_hat: Tensor, iterations: int, detach: bool = False, logit_scale: float = 1.0,
+                        return_couplings: bool = True) -> tuple[Tensor, Tensor]:
     """``dynamic_routing`` up to its last weighted sum: ``(s, couplings)``, with ``v = squash(s)``.
 
     The capsule head calls this and squashes ``s`` itself, so that the gradient at ``s`` (the
     squash's input, a hop of the gradient ladder) is a tensor it can watch. Arguments and the
-    couplings ``[iterations, B, I, J]`` (detached) are those of ``dynamic_routing``.
+    couplings ``[iterations, B, I, J]`` (detached; an empty tensor without ``return_couplings``,
+    which with a thousand classes at 224 px would be gigabytes) are those of ``dynamic_routing``.
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1; got {iterations!r}")
@@ -109,14 +110,15 @@ def dynamic_routing_sum(u_hat: Tensor, iterations: int, detach: bool = False,
         couplings: list[Tensor] = []
         for step in range(iterations):
             c = torch.softmax(logits, dim=-1)  # over the output capsules J
-            couplings.append(c.detach())
+            if return_couplings:
+                couplings.append(c.detach())
             if step == iterations - 1:
                 break
             v = squash(torch.einsum("bij,bijd->bjd", c, u_route))
             logits = logits + logit_scale * torch.einsum("bijd,bjd->bij", u_route, v)
         # The final sum always uses the real u_hat: identical to u_route without detach.
         s = torch.einsum("bij,bijd->bjd", c, u_hat)
-    return s, torch.stack(couplings)
+    return s, torch.stack(couplings) if couplings else u_hat.new_empty(0)
 
 
 def _check_iterations(iterations: object) -> int:
