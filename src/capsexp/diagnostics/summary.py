@@ -112,7 +112,7 @@ def why_lines(metrics: dict[str, Any]) -> list[str]:
         for hop in hops:
             value = metrics[f"grad_ladder/{hop}"]
             ratio = f"x {value / previous:.3g}" if previous else ""
-            lines.append(f"  {hop:<18}{_cell(value)}   {ratio}")
+            lines.append(f"  {hop:<18}{_cell(value)}   {ratio}".rstrip())
             previous = value
     routing = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("routing/")}
     if routing:
