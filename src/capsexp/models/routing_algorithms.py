@@ -16,7 +16,7 @@ outputs stay float32: softmaxes over accumulated agreements, log-variances and s
 input capsules lose too much in 8- or 11-bit mantissas. Tensors of mixed dtypes are promoted
 to a common dtype first (e.g. float16 votes with float32 parameters route in float32).
 
-None of the three squashes its output: attention routing normalises with a layer norm, and
+Only dynamic routing squashes its output: attention routing normalises with a layer norm, and
 self and EM routing carry presence in a separate activation instead of a vector length.
 """
 
@@ -300,7 +300,13 @@ def _check_em(votes: Tensor, a_in: Tensor, beta_u: Tensor, beta_a: Tensor, final
 def _m_step(r: Tensor, a_in: Tensor, votes: Tensor, beta_u: Tensor, beta_a: Tensor,
             inverse_temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """EM routing's M-step: ``(mu [B, J, P], V - mu [B, I, J, P], sigma^2 [B, J, P], the activation
-    logit [B, J])`` from the assignments ``r`` ``[B, I, J]`` weighted by the input activations."""
+    logit [B, J])`` from the assignments ``r`` ``[B, I, J]``:
+
+    ``R_ij <- R_ij a_i``; ``mu_jh = sum_i R_ij V_ijh / sum_i R_ij``;
+    ``sigma^2_jh = sum_i R_ij (V_ijh - mu_jh)^2 / sum_i R_ij + eps``;
+    ``cost_jh = (beta_u_j + log sigma_jh) sum_i R_ij``; logit ``lambda_t (beta_a_j - sum_h cost_jh)``,
+    whose sigmoid is ``a_j``.
+    """
     weighted = r * a_in.unsqueeze(-1)  # [B, I, J]
     mass = weighted.sum(dim=1)  # [B, J]
     share = weighted / mass.clamp_min(torch.finfo(r.dtype).tiny).unsqueeze(1)  # [B, I, J]
@@ -309,6 +315,16 @@ def _m_step(r: Tensor, a_in: Tensor, votes: Tensor, beta_u: Tensor, beta_a: Tens
     variance = torch.einsum("bij,bijp->bjp", share, deviation.pow(2)) + EM_VARIANCE_EPS
     cost = (beta_u.unsqueeze(-1) + 0.5 * torch.log(variance)) * mass.unsqueeze(-1)  # [B, J, P]
     return mu, deviation, variance, inverse_temperature * (beta_a - cost.sum(dim=-1))
+
+
+def _e_step(logit: Tensor, deviation: Tensor, variance: Tensor, log_variance: Tensor) -> Tensor:
+    """EM routing's E-step: ``R_ij = softmax_j(log a_j + log p_ij)`` with
+    ``log p_ij = sum_h log N(V_ijh; mu_jh, sigma^2_jh)``, i.e. ``R_ij = a_j p_ij / sum_k a_k p_ik``
+    in the log domain, so densities that under- or overflow do not give NaN."""
+    log_p = -0.5 * (
+        math.log(2.0 * math.pi) + log_variance.unsqueeze(1) + deviation.pow(2) / variance.unsqueeze(1)
+    ).sum(dim=-1)  # [B, I, J]
+    return torch.softmax(F.logsigmoid(logit).unsqueeze(1) + log_p, dim=-1)  # over J
 
 
 @overload
@@ -321,30 +337,16 @@ def em_routing(votes: Tensor, a_in: Tensor, beta_u: Tensor, beta_a: Tensor, iter
 def em_routing(votes: Tensor, a_in: Tensor, beta_u: Tensor, beta_a: Tensor, iterations: int,
                final_lambda: float = ..., return_couplings: bool = ...
                ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]: ...
-def em_routing(
-    votes: Tensor,
-    a_in: Tensor,
-    beta_u: Tensor,
-    beta_a: Tensor,
-    iterations: int,
-    final_lambda: float = 0.01,
-    return_couplings: bool = False,
-) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+def em_routing(votes: Tensor, a_in: Tensor, beta_u: Tensor, beta_a: Tensor, iterations: int,
+               final_lambda: float = 0.01, return_couplings: bool = False
+               ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """EM routing of matrix capsules (Hinton et al., ICLR 2018, Procedure 1).
 
     Each output capsule is a diagonal Gaussian over the ``P`` vote entries; routing fits a
     mixture of them to the votes weighted by the input activations. ``R_ij`` starts at
-    ``1/J``; iteration ``t = 1..iterations`` runs
-
-    * an M-step at inverse temperature ``lambda_t = final_lambda * (1 - 0.95^t)``:
-      ``R_ij <- R_ij a_i``; ``mu_jh = sum_i R_ij V_ijh / sum_i R_ij``;
-      ``sigma^2_jh = sum_i R_ij (V_ijh - mu_jh)^2 / sum_i R_ij + eps``;
-      ``cost_jh = (beta_u_j + log sigma_jh) sum_i R_ij``;
-      ``a_j = sigmoid(lambda_t (beta_a_j - sum_h cost_jh))``;
-    * then, except after the last M-step, an E-step: ``R_ij = softmax_j(log a_j + log p_ij)``
-      with ``log p_ij = sum_h log N(V_ijh; mu_jh, sigma^2_jh)``, i.e.
-      ``R_ij = a_j p_ij / sum_k a_k p_ik`` computed in the log domain, so densities that
-      under- or overflow do not give NaN.
+    ``1/J``; iteration ``t = 1..iterations`` runs an M-step (``_m_step``) at inverse
+    temperature ``lambda_t = final_lambda * (1 - 0.95^t)``, then, except after the last
+    M-step, an E-step (``_e_step``).
 
     Args:
         votes: ``V`` of shape ``[B, I, J, P]`` (``P = 16`` for 4x4 pose matrices).
@@ -374,7 +376,6 @@ def em_routing(
         dtype = _common_dtype(votes, a_in, beta_u, beta_a)
         votes, a_in = votes.to(dtype), a_in.to(dtype)
         beta_u, beta_a = beta_u.to(dtype), beta_a.to(dtype)
-        log_2pi = math.log(2.0 * math.pi)
         r = votes.new_full((batch, inputs, outputs), 1.0 / outputs)
         couplings: list[Tensor] = []
         for step in range(1, iterations + 1):
@@ -388,11 +389,7 @@ def em_routing(
             if step == iterations:
                 break
 
-            # E-step
-            log_p = -0.5 * (
-                log_2pi + log_variance.unsqueeze(1) + deviation.pow(2) / variance.unsqueeze(1)
-            ).sum(dim=-1)  # [B, I, J]
-            r = torch.softmax(F.logsigmoid(logit).unsqueeze(1) + log_p, dim=-1)  # over J
+            r = _e_step(logit, deviation, variance, log_variance)
 
     if return_couplings:
         return mu, a_out, torch.stack(couplings)
