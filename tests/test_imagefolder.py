@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import pytest
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from capsexp.data import datasets as data
 from capsexp.data.datasets import bad_image_count, build_datasets, build_loaders
@@ -186,7 +186,7 @@ def _make_bad(kind: str, path: Path) -> str:
         return "not a regular file"
     if kind == "text":
         path.write_text("this is not a JPEG\n")
-        return "not an image format Pillow can read"
+        return "not an image in a format capsexp reads (JPEG, PNG, PPM, BMP, TIFF, WEBP, GIF)"
     truncated_jpeg(path)
     return "image file is truncated"
 
@@ -286,3 +286,53 @@ def test_skip_with_no_decodable_image_says_so(tmp_path: Path) -> None:
         list(build_loaders(cfg, train, val, seed=0)[0])
     assert str(err.value) == (f"data: none of the 2 images of this split below '{tmp_path}' could be decoded "
                               f"(data.on_bad_image=skip skipped them all); check the files.")
+
+
+# ---------------------------------------------------------------- untrusted content
+
+
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 40\nnewpath 0 0 moveto 40 40 lineto stroke\nshowpage\n"
+
+
+def test_postscript_named_jpg_never_starts_ghostscript(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a stand-in gs first on PATH: Pillow's EPS decoder would run it on the file; it must never run
+    bin_dir, marker = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    gs = bin_dir / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch '{marker}'\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    noise_images(tmp_path / "images" / "a", 2)
+    noise_images(tmp_path / "images" / "b", 2, seed=1)
+    planted = tmp_path / "images" / "a" / "page.jpg"
+    planted.write_bytes(POSTSCRIPT)
+    with pytest.raises(UnidentifiedImageError):
+        decode_rgb(str(planted))
+    cfg = folder_cfg(tmp_path / "images", num_workers=1, batch_size=2, val_fraction=0.5)
+    train, val, _ = build_datasets(cfg, seed=0)
+    with pytest.raises(UserError) as err:
+        for loader in build_loaders(cfg, train, val, seed=0):
+            list(loader)
+    assert str(err.value) == (f"data: cannot decode image '{planted}' (not an image in a format capsexp reads "
+                              f"(JPEG, PNG, PPM, BMP, TIFF, WEBP, GIF)){ENDING}")
+    assert not marker.exists()
+
+
+def test_a_link_loop_is_a_bad_file_and_a_class_link_is_named(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    noise_images(tmp_path / "c", 2)
+    noise_images(tmp_path / "d", 2, seed=1)
+    (tmp_path / "c" / "x.jpg").symlink_to(tmp_path / "c" / "y.jpg")
+    (tmp_path / "c" / "y.jpg").symlink_to(tmp_path / "c" / "x.jpg")
+    (tmp_path / "a").symlink_to(tmp_path / "c")  # a class folder that is another class folder
+    with pytest.raises(UserError) as err:
+        build_datasets(folder_cfg(tmp_path), seed=0)
+    message = str(err.value)  # the loop is a bad file in one sentence, not a crash of the listing
+    assert message.startswith(f"data: cannot decode image '{tmp_path / 'c' / 'x.jpg'}' (Too many levels of "
+                              f"symbolic links; 1 more unusable file(s) below") and message.endswith(ENDING)
+    (tmp_path / "c" / "x.jpg").unlink()
+    (tmp_path / "c" / "y.jpg").unlink()
+    train, val, classes = build_datasets(folder_cfg(tmp_path, val_fraction=0.5), seed=0)
+    assert classes == 2 and len(train) + len(val) == 4  # c read once, as itself; the link a skipped
+    assert f"not following the folder link '{tmp_path / 'a'}': it leads to a folder already read" in \
+        capsys.readouterr().err

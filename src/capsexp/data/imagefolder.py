@@ -30,6 +30,9 @@ from capsexp.errors import UserError
 from capsexp.data.transforms import IMAGENET_MEAN
 
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
+# The only decoders Pillow may try, whatever a file's name or first bytes say. Pillow picks a decoder by
+# content, and some (EPS) run an outside program (Ghostscript) on the file: a data folder is untrusted input.
+READ_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 # transparent pixels are laid over the ImageNet mean colour: they normalise to zero, no signal
 _BACKDROP = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
@@ -88,14 +91,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_rgb(path: str) -> Image.Image:
     """The image at ``path`` as 8-bit RGB, upright per its EXIF orientation; raises what the decoder raises."""
-    with Image.open(path) as image:
+    with Image.open(path, formats=READ_FORMATS) as image:
         image.load()  # decode now: a truncated file fails here, not later inside a transform
         return to_rgb(ImageOps.exif_transpose(image))
 
 
 def _reason(exc: Exception) -> str:
     if isinstance(exc, UnidentifiedImageError):
-        return "not an image format Pillow can read"
+        return f"not an image in a format capsexp reads ({', '.join(READ_FORMATS)})"
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return text or type(exc).__name__
 
@@ -118,6 +121,21 @@ def _entries(folder: str) -> list[os.DirEntry]:
     except OSError as exc:
         raise UserError(f"data.root: cannot read the folder '{folder}' ({exc.strerror or exc}); make it "
                         f"readable or remove it.") from exc
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A folder, following links; a link loop (ELOOP) or a vanished entry is not one."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _is_link(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:
+        return True
 
 
 def _enter(entry: os.DirEntry, labelled: str, seen: set[str]) -> bool:
@@ -150,7 +168,7 @@ def _list_class(folder: str, label: int, seen: set[str], out: _Listing) -> None:
     labelled, stack = os.path.realpath(folder), [folder]
     while stack:
         for entry in _entries(stack.pop()):
-            if entry.is_dir():
+            if _is_dir(entry):
                 if _enter(entry, labelled, seen):
                     stack.append(entry.path)
             elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
@@ -165,8 +183,9 @@ def _list_folder(folder: Path) -> _Listing:
     """Class subfolders of ``folder`` and their files, sorted, each real folder listed once."""
     out, top = _Listing(), os.path.realpath(folder)
     seen = {top}
-    for entry in _entries(str(folder)):
-        if entry.is_dir() and _enter(entry, top, seen):
+    # real folders first: a class folder that is a link to another class folder is then the one skipped
+    for entry in sorted(_entries(str(folder)), key=_is_link):
+        if _is_dir(entry) and _enter(entry, top, seen):
             out.classes.append(entry.name)
             _list_class(entry.path, len(out.classes) - 1, seen, out)
     out.samples.sort(key=lambda s: (s[1], s[0]))
