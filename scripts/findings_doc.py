@@ -150,6 +150,14 @@ def results_table(results: Sequence[Result]) -> str:
                    num(r.diff.mean, True), interval(r.diff), str(r.diff.pairs), r.verdict] for r in results])
 
 
+def wall(run: Run) -> float:
+    """A run's seconds from its first to its last TensorBoard event (a run the study did not time)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    times = [e.wall_time for f in sorted(run.path.glob("events.out.tfevents.*")) for e in EventFileLoader(str(f)).Load()]
+    return max(times) - min(times) if times else math.nan
+
+
 def arms_table(runs: dict[str, list[Run]], labels: dict[str, str], timings: dict[str, float]) -> str:
     rows = []
     for arm, seeds in runs.items():
@@ -399,6 +407,10 @@ def write_docs(out: Path, docs: Path, readme: Path | None, profile: Any, arms: S
     labels = {a.name: a.label + ": `" + " ".join(a.overrides) + "`" for a in all_arms}
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    for arm, seeds in runs.items():  # a run the study did not time (it was stopped meanwhile): its events
+        for run in seeds:
+            timings.setdefault(f"{arm}/{run.path.name}", wall(run))
+    timings = {k: v for k, v in timings.items() if k == "pretrain" or k.split("/")[0] in runs}
     results = [evaluate(t, runs) for t in tests(runs)]
     figure(docs / "findings_curves.png", CURVE_PANELS, runs)
     figure(docs / "findings_probes.png", [("probe stem", REINIT, "probe/stem"), ("probe layer1", REINIT, "probe/layer1"),

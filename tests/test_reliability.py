@@ -276,11 +276,13 @@ def test_refused_rerun_leaves_the_existing_run_record_alone(tmp_path: Path) -> N
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / "metrics.json").write_text("{}\n")
+    (run / "environment.json").write_text('{"capsexp": "0.1.0"}\n')  # a run folder capsexp made
     record = run / ".hydra" / "overrides.yaml"
     record.write_text("- seed=0\n")
     proc = run_cli("train", "seed=7", f"hydra.run.dir={run}", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr and "Traceback" not in proc.stderr
-    assert record.read_text() == "- seed=0\n" and sorted(p.name for p in run.iterdir()) == [".hydra", "metrics.json"]
+    assert record.read_text() == "- seed=0\n"
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "environment.json", "metrics.json"]
 
 
 @pytest.mark.parametrize("override, message", [

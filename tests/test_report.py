@@ -41,11 +41,18 @@ def test_find_runs_finds_single_runs_and_sweep_jobs(tmp_path: Path) -> None:
     (tmp_path / "runs" / "a" / "tb").mkdir(parents=True)
     (tmp_path / "multirun" / "s" / "00_head=fc").mkdir(parents=True)
     (tmp_path / "multirun" / "s" / "00_head=fc" / "metrics.json").write_text("{}")
-    (tmp_path / "runs" / "a" / "nested" / "tb").mkdir(parents=True)  # inside a run: not searched
+    (tmp_path / "runs" / "a" / "nested" / "tb").mkdir(parents=True)  # a run inside a run: still a run
+    (tmp_path / "runs" / "a" / "checkpoints" / "tb").mkdir(parents=True)  # a run's own folder: not searched
     (tmp_path / "multirun" / "s" / ".submitit" / "x" / "tb").mkdir(parents=True)  # hidden: skipped
     (tmp_path / "multirun" / "s" / "empty").mkdir()
-    assert find_runs(tmp_path) == [tmp_path / "multirun" / "s" / "00_head=fc", tmp_path / "runs" / "a"]
-    assert find_runs(tmp_path / "runs" / "a") == [tmp_path / "runs" / "a"]  # a run folder itself
+    (tmp_path / "multirun" / "s" / "01_head=capsule").mkdir()
+    (tmp_path / "multirun" / "s" / "01_head=capsule" / "failed.json").write_text('{"reason": "r"}')  # a failed job
+    jobs = [tmp_path / "multirun" / "s" / "00_head=fc", tmp_path / "multirun" / "s" / "01_head=capsule"]
+    runs = [tmp_path / "runs" / "a", tmp_path / "runs" / "a" / "nested"]
+    assert find_runs(tmp_path) == [*jobs, *runs]
+    assert find_runs(tmp_path / "runs" / "a") == runs  # a run folder itself
+    (tmp_path / "multirun" / "s" / "metrics.json").write_text("{}")  # a run made at the top of the sweep
+    assert find_runs(tmp_path / "multirun") == [tmp_path / "multirun" / "s", *jobs]  # hides no job
 
 
 def test_labels_say_what_differs() -> None:

@@ -33,6 +33,7 @@ from capsexp.engine.loop import Loop, TrainState
 from capsexp.errors import UserError
 from capsexp.config.tree import group_option
 from capsexp.models.backbone import feature_size
+from capsexp.rundir.files import write_atomic
 from capsexp.rundir.folder import output_dir
 from capsexp.data.catalog import CLASS_COUNTS
 from capsexp.models.adapters import ADAPTERS
@@ -356,8 +357,8 @@ def bench(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
                        f"steps, PyTorch {torch.__version__}")
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / BENCH_FILE
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    (run_dir / BENCH_MARKDOWN).write_text(format_markdown(report))
+    write_atomic(path, json.dumps(report, indent=2) + "\n")
+    write_atomic(run_dir / BENCH_MARKDOWN, format_markdown(report))
     print(format_table(results))
     print(f"ms/step: median; img/s: mean; x fc, x off: mean step time over the fc row's, over the same "
           f"model's grads-off row's\npeak MB: {report['memory']}\ndrift ms, x step: {report['drift']}\n"

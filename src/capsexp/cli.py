@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
 import hydra
@@ -20,10 +21,12 @@ from omegaconf.errors import InterpolationResolutionError
 # wherever Hydra composes, joblib workers (which import this module) included
 from capsexp import __version__
 from capsexp.config import naming as sweeps
-from capsexp.config.argv import distributed_overrides, hydra_argv, strip_command_from_completion_line
+from capsexp.config.argv import (distributed_overrides, hydra_argv, records_by_capsexp,
+                                 strip_command_from_completion_line)
 from capsexp.errors import UserError, user_error_in
 from capsexp.config.tree import CONFIG_NAMES
 from capsexp.config.overrides import check_command_line
+from capsexp.config.sweep_outcome import FAILED
 from capsexp.rundir.lock import hold_run_folder
 
 USAGE = """usage: capsexp <command> [options]
@@ -53,29 +56,62 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     _fail_plain(message, code)
 
 
-def _guarded(work: Callable[[], object]) -> object:
+def _outcome(work: Callable[[], object]) -> tuple[object, str | None, int]:
+    """``work()``'s result, or the one sentence and exit code of why it stopped."""
     from capsexp.engine.loop import StopTraining
 
     try:
-        return work()
+        return work(), None, 0
     except UserError as exc:
-        _fail(str(exc))
+        return None, str(exc), 2
     except InterpolationResolutionError as exc:  # e.g. a preset's required value (capsexp_required)
         cause = user_error_in(exc)
         if cause is None:
             raise
-        _fail(str(cause))
+        return None, str(cause), 2
     except StopTraining as exc:
-        _fail(str(exc), exc.exit_code)
+        return None, str(exc), exc.exit_code
     except KeyboardInterrupt:  # before the training loop took over the signal: nothing to save yet
-        _fail("interrupted before training started; nothing was written.", 130)
+        return None, "interrupted before training started; nothing was written.", 130
+
+
+def _guarded(work: Callable[[], object]) -> object:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return work()
+    result, message, code = _outcome(work)
+    if message is not None:
+        _fail_plain(message, code)
+    return result
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _sweep_job(work: Callable[[], object]) -> object:
+    """One job of a sweep: a failure is said, recorded, and the sweep goes on (``capsexp.config.sweep_outcome``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from capsexp.config.sweep_outcome import record_failure
+
+    result, message, code = _outcome(work)
+    if message is None:
+        return result
+    print(f"capsexp: error: {message}", file=sys.stderr, flush=True)
+    if code == 130:  # interrupted: the sweep stops too
+        sys.exit(code)
+    record_failure(Path(HydraConfig.get().runtime.output_dir), message, code)
+    return None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name=CONFIG_NAMES["train"])
 def train_app(cfg: DictConfig) -> float | None:
     from capsexp.train import train
 
-    metrics = _guarded(lambda: train(cfg))
+    metrics = (_sweep_job if _in_sweep() else _guarded)(lambda: train(cfg))
     return metrics.get("best/val/acc") if isinstance(metrics, dict) else None  # a sweeper's objective
 
 
@@ -132,7 +168,7 @@ def _run_app(command: str, args: list[str]) -> None:
     except UserError as exc:
         _fail_plain(str(exc))
     sweeps.pass_command_line(args)  # read back by capsexp_sweep_subdir, in every job's process
-    sys.argv = [sys.argv[0], *hydra_argv(args), *extra]
+    sys.argv = [sys.argv[0], *hydra_argv(args), *extra, *records_by_capsexp(args, extra)]
     with contextlib.ExitStack() as held:
         if folder is not None:
             try:
@@ -140,6 +176,10 @@ def _run_app(command: str, args: list[str]) -> None:
             except UserError as exc:
                 _fail_plain(str(exc))
         COMMANDS[command]()
+    if FAILED:  # a sweep ran every job; some failed (each said why when it stopped)
+        jobs = ", ".join(name for name, _ in FAILED)
+        _fail_plain(f"{len(FAILED)} job{'s' if len(FAILED) != 1 else ''} of the sweep failed: {jobs} (each said why "
+                    f"above, and in its failed.json); the other jobs ran. capsexp report lists them all.", 1)
 
 
 def main() -> None:

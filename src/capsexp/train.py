@@ -27,7 +27,8 @@ from capsexp.diagnostics.hparams import MARKED, compared_hparams
 from capsexp.diagnostics.summary import ALARMS, print_summary, summary_metrics
 from capsexp.config.naming import routing_iterates, swept_keys_of_this_job
 from capsexp.rundir.resume import NothingToDo, check_classes, open_resume
-from capsexp.rundir.folder import environment, output_dir, shown, write_metrics, write_run_record
+from capsexp.rundir.folder import (environment, output_dir, shown, start_run_record, write_metrics,
+                                   write_run_record)
 from capsexp.rundir.lock import hold_run_folder
 from capsexp.runtime import Runtime, all_reduce, barrier, setup_runtime, teardown
 
@@ -59,6 +60,8 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     train_ds, val_ds, num_classes = build_datasets(cfg.data, seed=int(cfg.seed))
     if ckpt is not None:
         check_classes(ckpt, cfg, num_classes)
+    if rt.is_main:  # the last refusal is behind us: Hydra's record and the log file may be written
+        start_run_record(run_dir, cfg)
     train_loader, val_loader = build_loaders(cfg.data, train_ds, val_ds, seed=int(cfg.seed),
                                              pin_memory=rt.device.type == "cuda", rank=rt.rank,
                                              world_size=rt.world_size)

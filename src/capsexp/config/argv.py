@@ -84,3 +84,17 @@ def distributed_overrides(args: Sequence[str]) -> list[str]:
     if int(os.environ.get("RANK", "0")) == 0:
         return []
     return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+RECORDS_BY_CAPSEXP = ["hydra.output_subdir=null", "hydra/job_logging=capsexp"]
+
+
+def records_by_capsexp(args: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """Hydra writes ``.hydra/`` and opens ``cli.log`` in the run folder before the job starts, so a run
+    that capsexp then refuses would still change the folder. capsexp writes both itself, once the run
+    is accepted (``capsexp.rundir.folder.start_run_record``); a command line that sets either itself
+    keeps Hydra's way."""
+    given = [*args, *extra]
+    if any(a.startswith(("hydra.output_subdir=", "hydra/job_logging=")) for a in given):
+        return []
+    return RECORDS_BY_CAPSEXP

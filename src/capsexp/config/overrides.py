@@ -11,6 +11,7 @@ line must never be refused.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
 import itertools
@@ -29,7 +30,9 @@ from capsexp.config.tree import CONFIG_NAMES, command_of_group, config_groups, g
 # Hydra runs one of these modes per command
 MODES = {"-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
          "-sc": "--shell-completion", "--shell-completion": "--shell-completion", "-r": "--run", "--run": "--run"}
-MAX_COMPOSITIONS = 32  # jobs of one sweep composed here; the rest check themselves when they run
+# values of one swept key listed here (each is composed and checked once, whatever the number of
+# combinations); a longer sweep's jobs check themselves when they run
+MAX_VALUES = 10_000
 
 
 def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -134,7 +137,9 @@ def _sweep_values(sweep: Any) -> list[str] | None:
             chosen = [o for o in options if any(fnmatch.fnmatch(o, p) for p in glob.include)
                       and not any(fnmatch.fnmatch(o, p) for p in glob.exclude)]
             return chosen or None
-        values = itertools.islice(sweep.sweep_string_iterator(), MAX_COMPOSITIONS)  # range(0,10**6): a few
+        values = list(itertools.islice(sweep.sweep_string_iterator(), MAX_VALUES + 1))
+        if len(values) > MAX_VALUES:
+            return None
         return [{"True": "true", "False": "false"}.get(str(v), str(v)) for v in values]
     except Exception:  # noqa: BLE001 -- interval() and other sweeps without a list of values
         return None
@@ -151,6 +156,9 @@ def _choices(overrides: Any) -> list[list[str]] | None:
         values = _sweep_values(override)
         if values is None:
             return None
+        if not values:
+            raise UserError(f"{override.input_line} gives no values, so the sweep would run no job; give at "
+                            f"least one value, e.g. seed=range(0,3).")
         out.append([f"{override.get_key_element()}={v}" for v in values])
     return out
 
@@ -202,6 +210,7 @@ def check_command_line(command: str, args: Sequence[str]) -> Path | None:
         raise UserError(f"{sweeps[0].input_line} gives several values; add -m to run one job per value, "
                         f"e.g. capsexp {command} -m {sweeps[0].input_line}")
     fixed = [o.input_line for o in plain if not o.is_sweep_override()]
+    _check_experiments(plain)
     choices = _choices(sweeps)
     if choices is None:  # the jobs cannot be listed here: each checks itself when it runs
         return None
@@ -214,6 +223,20 @@ def check_command_line(command: str, args: Sequence[str]) -> Path | None:
             choices += preset
         single = parsed if command == "train" and not multirun and not printing else None
         return _check_jobs(command, fixed, choices, validate=not printing, folder_of=single)
+
+
+def _check_experiments(overrides: list[Any]) -> None:
+    """``experiment`` is an optional group: Hydra silently skips an option it cannot find, so a
+    misspelt preset would run the defaults."""
+    known = group_options("experiment")
+    for override in overrides:
+        if override.key_or_group.lstrip("+~") != "experiment" or override.value() is None:
+            continue
+        values = _sweep_values(override) if override.is_sweep_override() else [str(override.value())]
+        for value in values or []:
+            if value not in known and value != "null":
+                raise UserError(f"experiment={value} is not an experiment preset; the presets are "
+                                f"{', '.join(known)} (conf/experiment/).")
 
 
 def _pop_run_dir(cfg: DictConfig) -> Any:
@@ -272,28 +295,64 @@ def _preset_choices(command: str, parsed: list[Any], fixed: list[str]) -> list[l
 
 def _check_jobs(command: str, fixed: list[str], choices: list[list[str]], validate: bool,
                 folder_of: list[Any] | None) -> Path | None:
-    """Compose (and validate) the first job and each other value of every swept key; with
-    ``folder_of`` (the overrides of a single run), refuse a run folder that is taken and
-    return it."""
-    folder = None
+    """Compose (and validate) the first job, then each other value of every swept key once (not
+    every combination); with ``folder_of`` (the overrides of a single run), refuse a run folder
+    that is taken and return it. A value of a plain key is set into the first job's config rather
+    than composed again: only a config group's option changes what is composed."""
     first = [values[0] for values in choices]
-    jobs = itertools.chain([first], (first[:k] + [v] + first[k + 1:]
-                                     for k, values in enumerate(choices) for v in values[1:]))
-    for swept in itertools.islice(jobs, MAX_COMPOSITIONS):
-        single = swept is first and folder_of is not None
-        try:
-            cfg = _compose(command, fixed + swept, with_hydra=single)
-            run_dir = _pop_run_dir(cfg) if single else None
-            if validate:
-                _validate(cfg)
-        except UserError as exc:
-            where = f"in the job with {', '.join(swept)}: " if swept else ""
-            raise UserError(f"{where}{exc}") from None
-        if single and folder_of is not None:  # single implies folder_of is set
-            folder = _check_run_folder(folder_of, cfg)
-            if folder is None:
-                _check_writable_root(run_dir)
+    folder = None
+    first_cfg = _checked(command, fixed, first, validate, with_hydra=folder_of is not None)
+    if folder_of is not None:
+        run_dir = _pop_run_dir(first_cfg)
+        folder = _check_run_folder(folder_of, first_cfg)
+        if folder is None:
+            _check_writable_root(run_dir)
+    groups = set(config_groups(CONFIG_NAMES[command]))
+    for k, values in enumerate(choices):
+        for value in values[1:]:
+            swept = first[:k] + [value] + first[k + 1:]
+            key, _, text = value.partition("=")
+            if key in groups or key.startswith(("+", "~", "hydra")) or "@" in key:
+                _checked(command, fixed, swept, validate)
+            elif validate:
+                cfg = copy.deepcopy(first_cfg)
+                with open_dict(cfg):
+                    OmegaConf.update(cfg, key, _typed(value), merge=True)
+                _validated(cfg, swept)
     return folder
+
+
+def _typed(item: str) -> Any:
+    """The value of ``key=value`` as Hydra reads it (5 an int, [a,b] a list, null None)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(item).value()
+
+
+def _checked(command: str, fixed: list[str], swept: list[str], validate: bool, with_hydra: bool = False
+             ) -> DictConfig:
+    try:
+        cfg = _compose(command, fixed + swept, with_hydra=with_hydra)
+    except UserError as exc:
+        raise _in_job(swept, exc) from None
+    if validate:
+        _validated(cfg, swept, hydra_node=with_hydra)
+    return cfg
+
+
+def _validated(cfg: DictConfig, swept: list[str], hydra_node: bool = False) -> None:
+    if hydra_node:  # validation reads the job's config, without Hydra's node
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            cfg.pop("hydra", None)
+    try:
+        _validate(cfg)
+    except UserError as exc:
+        raise _in_job(swept, exc) from None
+
+
+def _in_job(swept: list[str], exc: UserError) -> UserError:
+    return UserError(f"in the job with {', '.join(swept)}: {exc}" if swept else str(exc))
 
 
 def _check_run_folder(parsed: list[Any], cfg: DictConfig) -> Path | None:

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from capsexp.report.chance import accuracy_meaningless, short_note
+from capsexp.rundir.files import refuse_link, write_atomic
 from capsexp.errors import UserError
 from capsexp.report.figure import plot, report_figure
 from capsexp.report.runs import Run, find_runs, parse_overrides, read_run
@@ -45,8 +46,11 @@ def main(argv: list[str]) -> None:
     meaningless = [accuracy_meaningless(row["steps"], row["best_val_acc"], run.metrics, run.config)
                    for run, row in zip(runs, rows)]
     note = short_note([row["run"] for row in rows], meaningless)
+    outputs = [root / name for name in ("report.md", "report.csv", "report.png")]
+    for path in outputs:  # before writing any: a refused report leaves the folder as it was
+        refuse_link(path)
     try:  # the files first: `capsexp report ... | head` may close the terminal side early
-        (root / "report.md").write_text(format_markdown(rows, root, note))
+        write_atomic(root / "report.md", format_markdown(rows, root, note))
         write_csv(rows, keys, root / "report.csv")
         plot(runs, rows, root / "report.png")
     except OSError as exc:

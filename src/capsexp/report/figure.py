@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from capsexp.report.chance import chance_level
 from capsexp.report.runs import Run
+from capsexp.rundir.files import write_atomic
 from capsexp.models.stages import STAGES
 
 
@@ -15,7 +17,9 @@ def plot(runs: Sequence[Run], rows: Sequence[dict[str, Any]], path: Path) -> Non
     """report.png: ``report_figure`` as a PNG file."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    FigureCanvasAgg(report_figure(runs, rows)).print_png(str(path))
+    png = io.BytesIO()
+    FigureCanvasAgg(report_figure(runs, rows)).print_png(png)
+    write_atomic(path, png.getvalue())
 
 
 def report_figure(runs: Sequence[Run], rows: Sequence[dict[str, Any]]) -> Any:

@@ -11,11 +11,13 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from capsexp.runkeys import keys_where
+from capsexp.config.sweep_outcome import FAILED_FILE, read_failure
 from capsexp.config.tree import flatten
 
 IGNORED_KEYS = frozenset(keys_where("tells_runs_apart", False))  # capsexp.runkeys: the one table
 ALARM_PREFIX = "alarm/"  # the text tags alarm/<condition>
 EVENTS_PREFIX = "events.out.tfevents."  # TensorBoard's event file names
+RUN_SUBFOLDERS = frozenset({"checkpoints", "tb", "grads"})
 
 
 @dataclass
@@ -36,11 +38,13 @@ def find_runs(root: Path) -> list[Path]:
     are not searched inside."""
     runs = []
     for here, subdirs, files in os.walk(root):
-        if "metrics.json" in files or "tb" in subdirs or any(f.startswith(EVENTS_PREFIX) for f in files):
+        if "metrics.json" in files or FAILED_FILE in files or "tb" in subdirs or \
+                any(f.startswith(EVENTS_PREFIX) for f in files):
             runs.append(Path(here))
-            subdirs.clear()
-        else:  # .hydra, .submitit and the like hold no runs
-            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+            # a run's own folders hold no runs; a sweep made inside a run folder still does
+            subdirs[:] = [d for d in subdirs if d not in RUN_SUBFOLDERS]
+        # .hydra, .submitit and the like hold no runs
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
     return sorted(runs)
 
 
@@ -88,7 +92,7 @@ def read_run(path: Path, root: Path) -> Run:
     """Read one run folder; anything missing or unreadable is simply absent."""
     config = _load(path / "config.yaml", yaml.safe_load) or _load(path / ".hydra" / "config.yaml", yaml.safe_load)
     listed = _load(path / ".hydra" / "overrides.yaml", yaml.safe_load)
-    metrics = _load(path / "metrics.json", json.loads)
+    metrics = _load(path / "metrics.json", json.loads) or read_failure(path)  # a sweep job that failed
     scalars, alarm = read_events(path / "tb" if (path / "tb").is_dir() else path)  # tb/: older runs
     name = path.relative_to(root).as_posix() if path != root else path.resolve().name
     return Run(path, name, parse_overrides(listed) if isinstance(listed, list) else None,

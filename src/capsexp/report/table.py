@@ -9,6 +9,7 @@ norm of the trainable stages among stem and layer1, ``sqrt(stem^2 + layer1^2)``,
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 import statistics
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from capsexp.report.runs import IGNORED_KEYS, Run
+from capsexp.rundir.files import write_atomic
 from capsexp.diagnostics.summary import ALARMS
 from capsexp.models.stages import STAGES
 
@@ -128,7 +130,8 @@ def summarize(run: Run) -> dict[str, Any]:
     alarm = "; ".join(str(m[f"alarm/{name}"]) for name in fired) or run.alarm
     return {
         "routing": routing_label(run),
-        "status": str(m.get("status", "completed")) if run.metrics is not None else RUNNING,
+        "status": (f"failed: {m['reason']}" if "reason" in m else str(m.get("status", "completed")))
+        if run.metrics is not None else RUNNING,
         "steps": None if (n := _finite(m.get("steps"), steps)) is None else int(n),
         "best_val_acc": _finite(m.get("best/val/acc"), max(val, default=None)),
         "final_val_acc": _finite(m.get("val/acc"), val[-1] if val else None),
@@ -297,11 +300,12 @@ def write_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: Path) -
     numbers = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in ("run", "folder", "routing",
                "status", "alarms", "alarm", *keys)]
     columns = ["run", "folder", *keys, "routing", "status", *numbers, "alarms", "alarm"]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[csv_cell(c) for c in columns], extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({csv_cell(k): "" if row.get(k) is None else csv_cell(row[k]) for k in columns})
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=[csv_cell(c) for c in columns], extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({csv_cell(k): "" if row.get(k) is None else csv_cell(row[k]) for k in columns})
+    write_atomic(path, handle.getvalue())
 
 
 def seed_groups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from capsexp.rundir.checkpoint import load_checkpoint, newest_checkpoint
 from capsexp.runkeys import keys_where
 from capsexp.errors import UserError
-from capsexp.rundir.folder import METRICS_FILE, refuse_taken_folder
+from capsexp.rundir.folder import METRICS_FILE, refuse_foreign_folder, refuse_taken_folder
 
 # the keys a resumed run may change, each with its descendants; every other key is the run's
 # meaning (data, model, loss, optimizer and schedule, seed, batch and epoch size, clipping, what
@@ -103,6 +103,8 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path | None) -> Path | None:
     resume of another run into it, and a finished run without checkpoints are refused.
     ``run_dir`` None: the folder is not known yet (only an explicit path can be checked)."""
     resume = cfg.trainer.resume
+    if run_dir is not None:
+        refuse_foreign_folder(run_dir)
     if resume is None:
         if run_dir is not None:
             refuse_taken_folder(run_dir)

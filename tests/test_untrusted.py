@@ -1,0 +1,159 @@
+"""Refusals that change nothing: links at output names, folders capsexp did not make, refused runs,
+resumes and sweeps. Each runs the real command and compares every file of the folder before and after."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_cli
+
+
+def digest(root: Path) -> dict[str, str]:
+    """Every entry below ``root``: a link by its target, a file by its bytes and mode, a folder by its mode."""
+    out = {}
+    for here, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = Path(here) / name
+            key = str(path.relative_to(root))
+            if path.is_symlink():
+                out[key] = "link " + os.readlink(path)
+            elif path.is_file():
+                out[key] = f"file {oct(path.stat().st_mode)} {hashlib.sha256(path.read_bytes()).hexdigest()}"
+            else:
+                out[key] = f"dir {oct(path.stat().st_mode)}"
+    return out
+
+
+def one_error_line(proc: object, expected_start: str) -> str:
+    stderr = getattr(proc, "stderr")
+    assert getattr(proc, "returncode") == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("capsexp: error: " + expected_start), stderr[-2000:]
+    return line
+
+
+def hand_made_run(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("head:\n  name: fc\nseed: 0\n")
+    (folder / "environment.json").write_text(json.dumps({"capsexp": "0.1.0"}))
+    (folder / "metrics.json").write_text(json.dumps({"status": "completed", "steps": 4, "val/acc": 0.5}))
+
+
+@pytest.mark.parametrize("name", ["report.md", "report.csv", "report.png"])
+def test_report_refuses_a_link_at_an_output_name(tmp_path: Path, name: str) -> None:
+    root, precious = tmp_path / "sweep", tmp_path / "precious.txt"
+    hand_made_run(root / "0_a")
+    precious.write_text("the user's own file\n")
+    (root / name).symlink_to(precious)
+    before = digest(tmp_path)
+    proc = run_cli("report", str(root), cwd=tmp_path)
+    line = one_error_line(proc, f"'{root / name}' is a symbolic link; capsexp never writes through a link.")
+    assert line.endswith("Remove the link, or write to another folder.")
+    assert digest(tmp_path) == before
+
+
+def test_report_replaces_its_own_files_whole(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    hand_made_run(root / "0_a")
+    (root / "report.md").write_text("an old report\n")
+    assert run_cli("report", str(root), cwd=tmp_path).returncode == 0
+    assert (root / "report.md").read_text().startswith("#") and not list(root.glob(".report*.tmp"))
+
+
+@pytest.mark.parametrize("how", ["path", "interpolation"])
+def test_train_refuses_a_folder_capsexp_did_not_make(tmp_path: Path, how: str) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my own settings\n")
+    (mine / "environment.json").write_text("{}\n")
+    before = digest(tmp_path)
+    folder = str(mine) if how == "path" else "${hydra:runtime.cwd}/mine"
+    proc = run_cli("train", *TINY, f"hydra.run.dir={folder}", cwd=tmp_path)
+    one_error_line(proc, f"the run folder '{mine}' already holds files that capsexp did not write;")
+    assert digest(tmp_path) == before
+
+
+def test_train_into_a_file_is_named_as_one(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x\n")
+    proc = run_cli("train", *TINY, f"hydra.run.dir={tmp_path / 'afile'}", cwd=tmp_path)
+    one_error_line(proc, f"the run folder '{tmp_path / 'afile'}' is a file, not a folder;")
+
+
+@pytest.mark.slow
+def test_refused_runs_and_resumes_leave_the_run_folder_byte_identical(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    made = run_cli("train", *TINY, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert (run / ".hydra" / "overrides.yaml").exists() and (run / "cli.log").exists()
+    before = digest(tmp_path)
+    for folder in (str(run), "${hydra:runtime.cwd}/run"):  # checked before Hydra starts / inside the job
+        changed = run_cli("train", *TINY, f"hydra.run.dir={folder}", "trainer.resume=auto", "optim.lr=0.5",
+                          cwd=tmp_path)
+        one_error_line(changed, "trainer.resume: this run was made with optim.lr=0.001;")
+        again = run_cli("train", *TINY, f"hydra.run.dir={folder}", cwd=tmp_path)
+        one_error_line(again, f"the run folder '{run}' already holds a run;")
+        assert digest(tmp_path) == before
+
+
+def test_a_sweep_of_no_job_is_refused(tmp_path: Path) -> None:
+    proc = run_cli("train", "-m", "seed=range(0,0)", cwd=tmp_path)
+    one_error_line(proc, "seed=range(0,0) gives no values, so the sweep would run no job;")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["fc_vs_capsul", "fc_vs_capsule,routing_swep"])
+def test_a_misspelt_experiment_is_refused_with_the_list(tmp_path: Path, value: str) -> None:
+    proc = run_cli("train", *(["-m"] if "," in value else []), f"experiment={value}", cwd=tmp_path)
+    line = one_error_line(proc, f"experiment={value.split(',')[-1]} is not an experiment preset; the presets are ")
+    assert "fc_vs_capsule, freeze_sweep, routing_sweep, seed_scenario" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_swept_value_is_checked_before_the_first_job(tmp_path: Path) -> None:
+    # 200 seeds x 2 sizes: the bad size is the 400th combination, far beyond any cap on combinations
+    proc = run_cli("train", "-m", "seed=range(0,200)", "data.image_size=32,16", cwd=tmp_path)
+    one_error_line(proc, "in the job with seed=0, data.image_size=16: data.image_size=16 is not allowed;")
+    assert list(tmp_path.iterdir()) == []
+
+
+def image_folder(root: Path, truncate: bool = False) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    if truncate:
+        bad = root / "a" / "0.png"
+        bad.write_bytes(bad.read_bytes()[:60])
+    return root
+
+
+@pytest.mark.slow
+def test_a_failing_job_does_not_stop_the_sweep_and_the_report_lists_it(tmp_path: Path) -> None:
+    image_folder(tmp_path / "good")
+    image_folder(tmp_path / "bad", truncate=True)
+    sweep = tmp_path / "sweep"
+    tiny = [a for a in TINY if not a.startswith(("data.train_size", "data.val_size", "data.batch_size"))]
+    proc = run_cli("train", "-m", *tiny, "data=imagefolder", "data.batch_size=4", "data.val_fraction=0.5",
+                   f"data.root={tmp_path / 'bad'},{tmp_path / 'missing'},{tmp_path / 'good'}",
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"capsexp: error: 2 jobs of the sweep failed: {jobs[0]}, {jobs[1]} (each said why above, and "
+                    f"in its failed.json); the other jobs ran. capsexp report lists them all.")
+    assert json.loads((sweep / jobs[2] / "metrics.json").read_text())["status"] == "completed"  # the last job ran
+    report = run_cli("report", str(sweep), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    table = (sweep / "report.md").read_text()
+    assert "failed: data: cannot decode image" in table and "failed: data.root: no folder at" in table
+    assert "| completed |" in table
