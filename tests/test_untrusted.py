@@ -6,9 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY, run_cli
 
@@ -157,3 +162,46 @@ def test_a_failing_job_does_not_stop_the_sweep_and_the_report_lists_it(tmp_path:
     table = (sweep / "report.md").read_text()
     assert "failed: data: cannot decode image" in table and "failed: data.root: no folder at" in table
     assert "| completed |" in table
+
+
+def start_run(run: Path, cwd: Path, *extra: str) -> "subprocess.Popen[str]":
+    """A long run with two loader workers, in its own process group, as a scheduler starts one."""
+    args = [a for a in TINY if not a.startswith(("trainer.max_steps", "trainer.max_epochs"))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "capsexp", "train", *args, "trainer.max_steps=400",
+                             "trainer.max_epochs=100", "data.num_workers=2", f"hydra.run.dir={run}", *extra],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_training(proc: "subprocess.Popen[str]", run: Path) -> None:
+    """Until the run has written its first checkpoint (the end of an epoch): workers running, steps going."""
+    for _ in range(1200):
+        if (run / "checkpoints" / "last.pt").exists():
+            time.sleep(0.5)
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    raise AssertionError("no checkpoint after two minutes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGHUP",), ("SIGINT", "SIGINT")])
+def test_a_signal_to_the_process_group_saves_and_resume_continues(tmp_path: Path, signals: tuple[str, ...]) -> None:
+    run = tmp_path / "run"
+    proc = start_run(run, tmp_path)
+    wait_for_training(proc, run)
+    for name in signals:  # to the whole group, workers included, as timeout, Slurm and docker stop do
+        os.killpg(proc.pid, getattr(signal, name))
+        time.sleep(0.05)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("capsexp: error: interrupted"), stderr[-2000:]
+    step = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["state"]["step"]  # whole, loadable
+    assert step > 0
+    resumed = run_cli("train", *[a for a in TINY if not a.startswith(("trainer.max_steps", "trainer.max_epochs"))],
+                      f"trainer.max_steps={step + 3}", "trainer.max_epochs=100", "data.num_workers=2",
+                      f"hydra.run.dir={run}", "trainer.resume=auto", cwd=tmp_path)
+    assert resumed.returncode == 0 and f"resumed at step {step}" in resumed.stdout, resumed.stderr[-3000:]

@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -71,8 +71,9 @@ def _outcome(work: Callable[[], object]) -> tuple[object, str | None, int]:
         return None, str(cause), 2
     except StopTraining as exc:
         return None, str(exc), exc.exit_code
-    except KeyboardInterrupt:  # before the training loop took over the signal: nothing to save yet
-        return None, "interrupted before training started; nothing was written.", 130
+    except KeyboardInterrupt:  # before the loop took over the signals, or a second Ctrl-C
+        return None, ("interrupted; a checkpoint already in the run folder is intact, and trainer.resume=auto "
+                      "continues from it."), 130
 
 
 def _guarded(work: Callable[[], object]) -> object:
@@ -182,7 +183,36 @@ def _run_app(command: str, args: list[str]) -> None:
                     f"above, and in its failed.json); the other jobs ran. capsexp report lists them all.", 1)
 
 
+class _ClosedPipeSafe:
+    """stdout that outlives its reader: after `capsexp train | head -1` the run goes on (and its
+    files are written) with its further output dropped, instead of stopping at the next print."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def _drop(self) -> None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main() -> None:
+    if not isinstance(sys.stdout, _ClosedPipeSafe):
+        sys.stdout = _ClosedPipeSafe(sys.stdout)
     argv = sys.argv[1:]
     strip_command_from_completion_line(COMMANDS)
     if not argv or argv[0] in ("-h", "--help"):

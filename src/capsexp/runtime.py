@@ -16,7 +16,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, TypeVar, cast
+from typing import Any, ContextManager, Iterator, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -266,14 +266,20 @@ def teardown(rt: Runtime) -> None:
 
 
 class SignalGuard:
-    """SIGINT/SIGTERM set a flag; the loop finishes the current step, checkpoints and stops."""
+    """SIGINT, SIGTERM and SIGHUP set a flag; the loop finishes the current step, checkpoints and
+    stops. A second signal aborts at once, except while a checkpoint is being written
+    (``protect``): then it takes effect when the file is complete."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._protected = False
+        self._pending = False
 
     def __enter__(self) -> "SignalGuard":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some launchers): leave signals alone
@@ -282,10 +288,24 @@ class SignalGuard:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # a second Ctrl-C: the user really wants out now
+            if self._protected:
+                self._pending = True
+                return
             raise KeyboardInterrupt
         self.received = signum
         print(f"\ncapsexp: received {signal.Signals(signum).name}; finishing this step and saving a "
               f"checkpoint (press Ctrl-C again to abort at once).", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def protect(self) -> Iterator[None]:
+        """No abort inside: a checkpoint is written whole, then a pending second signal aborts."""
+        self._protected = True
+        try:
+            yield
+        finally:
+            self._protected = False
+        if self._pending:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

@@ -6,15 +6,16 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from capsexp.errors import UserError
 from capsexp.rundir.checkpoint import link_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
 from capsexp.config.validation import flatten, validate
-from capsexp.data.datasets import bad_image_count, build_datasets, build_loaders
+from capsexp.data.datasets import bad_image_count, build_datasets, build_loaders, shutdown_workers
 from capsexp.data.sampling import EpochSampler
 from capsexp.diagnostics.drift import probe_images
 from capsexp.diagnostics.probe import ProbeSet
@@ -92,6 +93,8 @@ def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | Non
     except BaseException:  # out of memory, a second Ctrl-C, a bug: what was logged reaches the disk
         loop.logger.close()
         raise
+    finally:
+        shutdown_workers(train_loader, val_loader)
     metrics = _finish(cfg, run_dir, loop, state, metrics, stop, _data_facts(cfg, train_ds, val_ds, num_classes, rt))
     if stop is not None:
         raise _with_kept(stop, cfg, run_dir)
@@ -203,6 +206,12 @@ def _save(loop: Loop, state: TrainState, cfg: DictConfig, run_dir: Path, num_cla
     path = run_dir / "checkpoints" / name
     if not loop.rt.is_main:
         return path
+    with loop.guard.protect():  # a second Ctrl-C waits for the file to be whole
+        _write_checkpoint(loop, state, cfg, num_classes, path)
+    return path
+
+
+def _write_checkpoint(loop: Loop, state: TrainState, cfg: DictConfig, num_classes: int, path: Path) -> None:
     save_checkpoint({
         "model": loop.model.state_dict(),
         "criterion": loop.criterion.state_dict(),
@@ -216,20 +225,31 @@ def _save(loop: Loop, state: TrainState, cfg: DictConfig, run_dir: Path, num_cla
         "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": environment(),
     }, path)
-    return path
 
 
 def restore(ckpt: dict[str, Any], loop: Loop, state: TrainState) -> None:
-    loop.model.load_state_dict(ckpt["model"])
-    loop.criterion.load_state_dict(ckpt["criterion"])
-    loop.optimizer.load_state_dict(ckpt["optimizer"])
-    loop.scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt["scaler"]:  # empty when the checkpoint was made without fp16 loss scaling
-        loop.scaler.load_state_dict(ckpt["scaler"])
-    for key, value in ckpt["state"].items():
-        setattr(state, key, value)
-    loop.monitor.load_state_dict(ckpt.get("monitor", {}))
-    torch.set_rng_state(ckpt["rng"])
+    """The checkpoint's states into the loop; a part that is missing or does not fit is one sentence."""
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("model", lambda: loop.model.load_state_dict(ckpt["model"])),
+        ("criterion", lambda: loop.criterion.load_state_dict(ckpt["criterion"])),
+        ("optimizer", lambda: loop.optimizer.load_state_dict(ckpt["optimizer"])),
+        ("scheduler", lambda: loop.scheduler.load_state_dict(ckpt["scheduler"])),
+        ("scaler", lambda: _load_scaler(loop, ckpt["scaler"])),
+        ("state", lambda: state.__dict__.update(dict(ckpt["state"]))),
+        ("monitor", lambda: loop.monitor.load_state_dict(ckpt.get("monitor", {}))),
+        ("rng", lambda: torch.set_rng_state(ckpt["rng"]))]
+    for part, step in steps:
+        try:
+            step()
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"trainer.resume: the checkpoint's {part} state is missing or does not fit this run "
+                            f"({detail}); resume from another checkpoint, or start a new run.") from None
+
+
+def _load_scaler(loop: Loop, saved: dict[str, Any]) -> None:
+    if saved:  # empty when the checkpoint was made without fp16 loss scaling
+        loop.scaler.load_state_dict(saved)
 
 
 def _announce(cfg: DictConfig, run_dir: Path, loop: Loop, resumed: bool, state: TrainState) -> None:

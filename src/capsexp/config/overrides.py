@@ -211,6 +211,7 @@ def check_command_line(command: str, args: Sequence[str]) -> Path | None:
                         f"e.g. capsexp {command} -m {sweeps[0].input_line}")
     fixed = [o.input_line for o in plain if not o.is_sweep_override()]
     _check_experiments(plain)
+    _check_group_values(command, plain)
     choices = _choices(sweeps)
     if choices is None:  # the jobs cannot be listed here: each checks itself when it runs
         return None
@@ -223,6 +224,17 @@ def check_command_line(command: str, args: Sequence[str]) -> Path | None:
             choices += preset
         single = parsed if command == "train" and not multirun and not printing else None
         return _check_jobs(command, fixed, choices, validate=not printing, folder_of=single)
+
+
+def _check_group_values(command: str, overrides: list[Any]) -> None:
+    """A config group needs one of its options: ``data=null`` would leave the run without data."""
+    groups = set(config_groups(CONFIG_NAMES[command])) - {"experiment"}
+    for override in overrides:
+        key = override.key_or_group
+        if key in groups and not override.is_sweep_override() and not override.is_delete() \
+                and not isinstance(override.value(), str):
+            raise UserError(f"{key}={override.value()!s}".replace("None", "null") + f" is not an option of {key}; "
+                            f"choose from {', '.join(group_options(key))}.")
 
 
 def _check_experiments(overrides: list[Any]) -> None:
@@ -355,6 +367,21 @@ def _in_job(swept: list[str], exc: UserError) -> UserError:
     return UserError(f"in the job with {', '.join(swept)}: {exc}" if swept else str(exc))
 
 
+def _check_name_lengths(folder: Path) -> None:
+    """Each part of the run folder's path must fit the file system's limit on a name (255 bytes on most)."""
+    import os
+
+    existing = next((p for p in [folder.absolute(), *folder.absolute().parents] if os.path.exists(p)), Path("/"))
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in folder.parts:
+        if len(os.fsencode(part)) > limit:
+            raise UserError(f"hydra.run.dir: the name '{part[:40]}...' is {len(os.fsencode(part))} bytes long; the "
+                            f"file system allows {limit}. Choose a shorter folder name.")
+
+
 def _check_run_folder(parsed: list[Any], cfg: DictConfig) -> Path | None:
     """The taken-folder and resume rules (``capsexp.rundir.resume``), before Hydra writes into the folder;
     raises ``NothingToDo`` for a complete run. Returns the folder where the command line names it."""
@@ -363,6 +390,8 @@ def _check_run_folder(parsed: list[Any], cfg: DictConfig) -> Path | None:
     given = [o.value() for o in parsed if o.key_or_group == "hydra.run.dir"]
     # else the folder is Hydra's to name (a timestamp): the run checks and locks it itself
     folder = Path(given[-1]) if given and isinstance(given[-1], str) and "${" not in given[-1] else None
+    if folder is not None:
+        _check_name_lengths(folder)
     try:
         open_resume(cfg, folder, lazy=True)
     except UserError:

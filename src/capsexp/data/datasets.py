@@ -9,6 +9,7 @@ checks are declared here.
 from __future__ import annotations
 
 import os
+import signal
 
 from pathlib import Path
 from typing import Any, Sized, cast
@@ -91,6 +92,30 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """In a loader worker. A scheduler's SIGTERM (and Ctrl-C, SIGHUP) reaches the whole process group;
+    the main process handles it: it finishes the step, saves, and ends the workers (``shutdown_workers``).
+    A worker that died of the signal first would end the run with a traceback instead. A second
+    SIGTERM ends the worker as usual."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _first_sigterm)
+
+
+def _first_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def shutdown_workers(*loaders: DataLoader) -> None:
+    """End the loaders' persistent workers now. Left to the interpreter's exit, multiprocessing would
+    end them with one SIGTERM, which a worker ignores once (``ignore_stop_signals``), and wait for them."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)  # torch keeps a persistent-worker iterator here
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
 def build_loaders(cfg: Any, train_ds: Dataset, val_ds: Dataset, *, seed: int, pin_memory: bool = False,
                   rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
     """Train and val loaders over ``train_ds`` and ``val_ds``, sharded for DDP rank ``rank``.
@@ -112,7 +137,8 @@ def build_loaders(cfg: Any, train_ds: Dataset, val_ds: Dataset, *, seed: int, pi
         raise UserError(f"data.batch_size ({batch_size}) exceeds the training set ({len(train_sampler)} "
                         f"images{where}), so no full batch exists; lower data.batch_size or add data.")
     common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers,
-                              "pin_memory": pin_memory, "persistent_workers": num_workers > 0}
+                              "pin_memory": pin_memory, "persistent_workers": num_workers > 0,
+                              "worker_init_fn": ignore_stop_signals if num_workers > 0 else None}
     # own generators: a loader would otherwise draw its workers' base seed from the global
     # stream each time it starts an epoch, shifting it on resume
     train = DataLoader(SeededSamples(train_ds, seed), sampler=train_sampler, drop_last=True,

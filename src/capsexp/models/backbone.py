@@ -226,4 +226,10 @@ def _load_trunk(backbone: Backbone, state: dict[str, Tensor], source: str) -> No
             f"backbone.weights: '{source}' does not fit {backbone.arch} ({len(missing)} tensors missing, "
             f"{len(wrong)} of the wrong shape, e.g. '{bad}')."
         )
+    # non-finite weights would make the first loss NaN, and the stop would blame the learning rate
+    poisoned = next((k for k, v in cleaned.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())),
+                    None)
+    if poisoned is not None:
+        raise UserError(f"backbone.weights: '{source}' holds NaN or infinite values (first in '{poisoned}'); "
+                        f"use weights from a run that finished, or null for random init.")
     backbone.load_state_dict(cleaned)

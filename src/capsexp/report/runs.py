@@ -67,31 +67,58 @@ def _load(path: Path, parse: Callable[[str], Any]) -> Any:
         return None
 
 
-def read_events(tb: Path) -> tuple[dict[str, list[tuple[int, float]]], str | None]:
-    """All scalar points and the alarm texts (joined) from a run's event files; nothing when unreadable."""
-    if not tb.is_dir():
-        return {}, None
+def _accumulate(source: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    acc = EventAccumulator(str(source), size_guidance={"scalars": 0, "tensors": 0, "images": 1, "histograms": 1})
+    acc.Reload()
+    tags = acc.Tags()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags["scalars"]}
+    alarms = [acc.Tensors(tag)[0].tensor_proto.string_val[0].decode("utf-8", "replace")
+              for tag in sorted(tags["tensors"])  # add_text stores "<tag>/text_summary"
+              if tag.startswith(ALARM_PREFIX) and acc.Tensors(tag)]
+    return scalars, alarms
+
+
+def read_events(tb: Path) -> tuple[dict[str, list[tuple[int, float]]], str | None]:
+    """All scalar points and the alarm texts (joined) from a run's event files; nothing when unreadable.
+    Only regular files are read: a FIFO or a device named like an event file would block the reader."""
+    if not tb.is_dir():
+        return {}, None
     try:
-        acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "tensors": 0, "images": 1,
-                                                       "histograms": 1})
-        acc.Reload()
-        tags = acc.Tags()
-        scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags["scalars"]}
-        alarms = []
-        for tag in sorted(tags["tensors"]):  # add_text stores "<tag>/text_summary"
-            if tag.startswith(ALARM_PREFIX) and acc.Tensors(tag):
-                alarms.append(acc.Tensors(tag)[0].tensor_proto.string_val[0].decode("utf-8", "replace"))
+        files = sorted(f for f in tb.iterdir() if f.name.startswith(EVENTS_PREFIX))
+        regular = [f for f in files if f.is_file()]
+        if regular == files:
+            scalars, alarms = _accumulate(tb)
+        else:  # one file at a time, the others left alone
+            scalars, alarms = {}, []
+            for f in regular:
+                more, found = _accumulate(f)
+                for tag, points in more.items():
+                    scalars[tag] = sorted(scalars.get(tag, []) + points)
+                alarms += found
         return scalars, "; ".join(alarms) or None
     except Exception:  # noqa: BLE001 -- a file being written or damaged must not stop the report
         return {}, None
 
 
+class _NoAliases(yaml.SafeLoader):
+    """capsexp writes no YAML aliases; refusing them keeps an alias bomb from filling the memory."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("YAML aliases are not read")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_NoAliases)  # noqa: S506 -- a SafeLoader, without aliases
+
+
 def read_run(path: Path, root: Path) -> Run:
     """Read one run folder; anything missing or unreadable is simply absent."""
-    config = _load(path / "config.yaml", yaml.safe_load) or _load(path / ".hydra" / "config.yaml", yaml.safe_load)
-    listed = _load(path / ".hydra" / "overrides.yaml", yaml.safe_load)
+    config = _load(path / "config.yaml", safe_yaml) or _load(path / ".hydra" / "config.yaml", safe_yaml)
+    listed = _load(path / ".hydra" / "overrides.yaml", safe_yaml)
     metrics = _load(path / "metrics.json", json.loads) or read_failure(path)  # a sweep job that failed
     scalars, alarm = read_events(path / "tb" if (path / "tb").is_dir() else path)  # tb/: older runs
     name = path.relative_to(root).as_posix() if path != root else path.resolve().name

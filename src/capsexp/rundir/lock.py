@@ -65,6 +65,9 @@ def _acquire(run_dir: Path) -> Path:
             run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            if lock.is_dir() and not lock.is_symlink():  # not a lock any run holds: a leftover
+                raise UserError(f"'{lock}' is a folder where capsexp keeps its lock file, so no run holds it; "
+                                f"remove that folder, or choose another run folder.") from None
             holder = _read(lock)
             if not _stale(lock, holder):
                 raise _in_use(run_dir, lock, holder) from None
