@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from capsexp.report.runs import Run, read_run  # noqa: E402
-from capsexp.report.stats import NO_DIFFERENCE, Difference, paired_bootstrap, verdict  # noqa: E402
+from capsexp.report.stats import NO_DIFFERENCE, Difference, binomial_se, paired_bootstrap, verdict  # noqa: E402
 
 README_START, README_END = "<!-- findings:start -->", "<!-- findings:end -->"
 
@@ -44,13 +44,22 @@ def log_median(run: Run, tag: str) -> float:
 class Measure:
     name: str
     of: Callable[[Run], float]
+    scored_on: Callable[[Run], int] | None = None  # an accuracy: the images it is measured on
+
+
+def val_images(run: Run) -> int:
+    return int((run.metrics or {}).get("val_images") or run.config.get("data.val_size") or 0)
+
+
+def probe_images(run: Run) -> int:  # the probe is scored on that many validation images
+    return int(run.config.get("grads.probe.images") or 0)
 
 
 MEASURES = {m.name: m for m in [
-    Measure("final val/acc", lambda r: last(r, "val/acc")),
-    Measure("probe stem", lambda r: last(r, "probe/stem")),
-    Measure("probe layer1", lambda r: last(r, "probe/layer1")),
-    Measure("probe layer2", lambda r: last(r, "probe/layer2")),
+    Measure("final val/acc", lambda r: last(r, "val/acc"), val_images),
+    Measure("probe stem", lambda r: last(r, "probe/stem"), probe_images),
+    Measure("probe layer1", lambda r: last(r, "probe/layer1"), probe_images),
+    Measure("probe layer2", lambda r: last(r, "probe/layer2"), probe_images),
     Measure("drift stem (CKA)", lambda r: last(r, "drift/stem")),
     Measure("log10 u/w stem", lambda r: log_median(r, "update_to_weight/stem")),
     Measure("log10 u/w layer1", lambda r: log_median(r, "update_to_weight/layer1")),
@@ -90,6 +99,7 @@ def tests(runs: dict[str, list[Run]]) -> list[Test]:
            Test(1, sgd_fc, sgd_caps, "final val/acc", -1),
            Test(1, sgd_fc, sgd_caps, "log10 u/w stem", -1),
            Test(2, "fc", "dynamic", "log10 grad stem", -1, True),
+           Test(2, "fc", "ce", "log10 grad stem", -1),  # the same loss as FC's: the head alone differs
            *(Test(2, "fc", r, "log10 |dL/dF|", -1) for r in ("dynamic", "attention", "self", "em", "pooled")),
            Test(3, "dynamic-r1", "dynamic", "final val/acc", -1, True),
            Test(3, "attention-r1", "attention", "final val/acc", -1),
@@ -126,17 +136,20 @@ class Result:
     b: float
     diff: Difference
     verdict: str
+    floor: float = 0.0
 
 
 def evaluate(test: Test, runs: dict[str, list[Run]]) -> Result:
-    measure = MEASURES[test.measure].of
-    pairs = [(measure(ra), measure(rb)) for ra, rb in zip(runs[test.a], runs[test.b])]
+    spec = MEASURES[test.measure]
+    pairs = [(spec.of(ra), spec.of(rb)) for ra, rb in zip(runs[test.a], runs[test.b])]
     pairs = [(x, y) for x, y in pairs if math.isfinite(x) and math.isfinite(y)]
     if not pairs:
         return Result(test, math.nan, math.nan, Difference(math.nan, math.nan, math.nan, 0), NO_DIFFERENCE)
+    a, b = mean([x for x, _ in pairs]), mean([y for _, y in pairs])
+    # an accuracy: one binomial standard error on the images it is scored on (the seeds share them)
+    floor = binomial_se((a + b) / 2, spec.scored_on(runs[test.a][0])) if spec.scored_on else 0.0
     diff = paired_bootstrap([x for x, _ in pairs], [y for _, y in pairs])
-    return Result(test, mean([x for x, _ in pairs]), mean([y for _, y in pairs]), diff,
-                  verdict(diff, test.predicts) if diff.pairs > 1 else NO_DIFFERENCE)
+    return Result(test, a, b, diff, verdict(diff, test.predicts, floor) if diff.pairs > 1 else NO_DIFFERENCE, floor)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -145,9 +158,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def results_table(results: Sequence[Result]) -> str:
-    return table(["claim", "b − a", "measure", "a", "b", "b − a", "95% CI", "seeds", "verdict"],
+    return table(["claim", "b − a", "measure", "a", "b", "b − a", "95% CI", "noise floor", "seeds", "verdict"],
                  [[str(r.test.claim or "-"), f"{r.test.b} − {r.test.a}", r.test.measure, num(r.a), num(r.b),
-                   num(r.diff.mean, True), interval(r.diff), str(r.diff.pairs), r.verdict] for r in results])
+                   num(r.diff.mean, True), interval(r.diff), f"±{num(r.floor)}" if r.floor else "-",
+                   str(r.diff.pairs), r.verdict] for r in results])
 
 
 def wall(run: Run) -> float:
@@ -271,7 +285,8 @@ HOW = {1: "Stem and layer1 of the trained backbone are re-initialised (`backbone
           "lower probe accuracy (and smaller updates) under the capsule head.",
        2: "The gradient ladder (`grad_ladder/<hop>`): |dL/d hop| from the scores back to the features, and the stem's "
           "gradient norm, under FC and under each head. The claim predicts a smaller gradient at the stem and at the "
-          "features under the capsule head.",
+          "features under the capsule head. The margin loss has another scale than FC's cross-entropy, so "
+          "`ce − fc` (the capsule head trained with cross-entropy) compares the heads alone.",
        3: "Each routing against itself with one iteration (uniform coupling), and dynamic routing at "
           "`head.routing.logit_scale=100` against the paper's 1. The claim predicts that routing does not beat "
           "uniform coupling; the telemetry shows whether the couplings move.",
@@ -317,8 +332,11 @@ def page(profile: Any, runs: dict[str, list[Run]], pre: Run, labels: dict[str, s
         f"Hardware: {profile.device}. Wall time of the runs: {total / 60:.0f} min "
         f"({len(timings)} runs, {profile.jobs} at a time). Seeds: {seeds}; a seed gives every arm the same "
         "backbone, data order and validation images, so each difference below is paired by seed. "
-        "Each interval is a 95% percentile bootstrap over the seeds (capsexp.report.stats); a verdict is "
-        "\"supported\" or \"not supported\" only where it excludes zero.",
+        "Each interval is a 95% percentile bootstrap over the seeds (capsexp.report.stats). Every arm is "
+        "scored on the same validation (or probe) images, so the seeds do not see those images' sampling "
+        "error: for an accuracy, the noise floor is one binomial standard error on them, sqrt(p(1 − p)/n). "
+        "A verdict is \"supported\" or \"not supported\" only where the interval clears the noise floor "
+        "on both sides of zero; otherwise \"no difference detected at this scale\".",
         "",
         "Fine-tuning overrides: `" + " ".join(profile.finetune) + "`; each arm adds its own (table below).",
         "",

@@ -141,8 +141,8 @@ def test_two_processes_train_like_one_with_twice_the_batch(head: str, tmp_path: 
     ddp = json.loads((ddp_dir / "metrics.json").read_text())
     stats = [k for k in single if k.startswith("grad_norm/")]
     assert stats and ddp["steps"] == single["steps"] == 6
-    for key in stats:
-        assert ddp[key] == pytest.approx(single[key], rel=1e-4), key
+    for key in stats:  # float reordering: measured up to 4.3e-4 (fc, conv adapter with GroupNorm) on some CPUs
+        assert ddp[key] == pytest.approx(single[key], rel=1e-3), key
     # the update ratios too: rank 0 measures the step every rank took (the same all-reduced update)
     updates = [k for k in single if k.startswith("update_to_weight/")]
     assert updates and {k for k in ddp if k.startswith("update_to_weight/")} == set(updates)
@@ -159,8 +159,9 @@ def test_two_processes_train_like_one_with_twice_the_batch(head: str, tmp_path: 
 
     ddp_losses, single_losses = losses(ddp_dir), losses(single_dir)
     assert [s for s, _ in ddp_losses] == [s for s, _ in single_losses] == list(range(1, 7))
+    # the reordering moves a loss by up to 2e-5 relative on some CPUs (measured: fc, step 6)
     assert torch.allclose(torch.tensor([v for _, v in ddp_losses]), torch.tensor([v for _, v in single_losses]),
-                          rtol=1e-5, atol=1e-6)
+                          rtol=1e-4, atol=1e-6)
     ddp_weights = load_checkpoint(ddp_dir / "checkpoints" / "last.pt")["model"]
     single_weights = load_checkpoint(single_dir / "checkpoints" / "last.pt")["model"]
     faulty_weights = load_checkpoint(faulty_dir / "checkpoints" / "last.pt")["model"]

@@ -30,7 +30,9 @@ def test_the_study_writes_its_page_and_a_rerun_only_rewrites_it(tmp_path: Path) 
     for figure in ("findings_curves.png", "findings_ladder.png"):
         assert (out / "docs" / figure).stat().st_size > 1000
     text = readme.read_text()
-    assert text.startswith("# x\n<!-- findings:start -->\n4. *The direct connection") and text.endswith("tail\n")
+    summary = text.splitlines()[2:-1]  # claims 2 and 4 have their arms here: fc, dynamic, pooled
+    assert summary[0].startswith("2. *Gradients vanish") and summary[1].startswith("4. *The direct connection")
+    assert text.startswith("# x\n<!-- findings:start -->\n") and text.endswith("<!-- findings:end -->\ntail\n")
     assert "old" not in text and len(text.splitlines()) <= 10
 
     # a run that stopped before its first checkpoint starts again; finished ones are skipped

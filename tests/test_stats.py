@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from capsexp.report.stats import NO_DIFFERENCE, NOT_SUPPORTED, SUPPORTED, Difference, paired_bootstrap, verdict
+from capsexp.report.stats import (NO_DIFFERENCE, NOT_SUPPORTED, SUPPORTED, Difference, binomial_se, paired_bootstrap,
+                                  verdict)
 
 
 def exact_interval(d: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
@@ -68,3 +69,14 @@ def test_unequal_lengths_are_refused() -> None:
     (-0.05, 0.0, -1, NO_DIFFERENCE), (0.0, 0.0, 0, NO_DIFFERENCE)])
 def test_a_verdict_needs_an_interval_that_excludes_zero(low: float, high: float, predicts: int, expected: str) -> None:
     assert verdict(Difference((low + high) / 2, low, high, 3), predicts) == expected
+
+
+def test_an_interval_inside_the_scoring_noise_is_no_difference() -> None:
+    floor = binomial_se(0.89, 1000)
+    assert floor == pytest.approx((0.89 * 0.11 / 1000) ** 0.5, rel=1e-12)
+    tight = Difference(-0.002, -0.003, -0.002, 3)  # every seed agrees, but by a fraction of one SE
+    assert verdict(tight, -1) == SUPPORTED  # over seeds alone it would decide
+    assert verdict(tight, -1, floor) == NO_DIFFERENCE
+    assert verdict(Difference(-0.05, -0.07, -0.03, 3), -1, floor) == SUPPORTED
+    assert verdict(Difference(0.02, floor + 1e-6, 0.03, 3), +1, floor) == SUPPORTED
+    assert verdict(Difference(0.02, floor - 1e-6, 0.03, 3), +1, floor) == NO_DIFFERENCE

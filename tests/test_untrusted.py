@@ -190,11 +190,15 @@ def wait_for_training(proc: "subprocess.Popen[str]", run: Path) -> None:
 def test_a_signal_to_the_process_group_saves_and_resume_continues(tmp_path: Path, signals: tuple[str, ...]) -> None:
     run = tmp_path / "run"
     proc = start_run(run, tmp_path)
-    wait_for_training(proc, run)
-    for name in signals:  # to the whole group, workers included, as timeout, Slurm and docker stop do
-        os.killpg(proc.pid, getattr(signal, name))
-        time.sleep(0.05)
-    _, stderr = proc.communicate(timeout=300)
+    try:
+        wait_for_training(proc, run)
+        for name in signals:  # to the whole group, workers included, as timeout, Slurm and docker stop do
+            os.killpg(proc.pid, getattr(signal, name))
+            time.sleep(0.05)
+        _, stderr = proc.communicate(timeout=300)
+    finally:  # a run that hangs must not outlive the test
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]

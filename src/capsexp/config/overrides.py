@@ -353,8 +353,10 @@ def _checked(command: str, fixed: list[str], swept: list[str], validate: bool, w
 
 
 def _validated(cfg: DictConfig, swept: list[str], hydra_node: bool = False) -> None:
+    # on a copy: validation resolves loss=default in place, and the first job's config is the base
+    # of the other values' (a routing's default loss must follow that routing)
+    cfg = copy.deepcopy(cfg)
     if hydra_node:  # validation reads the job's config, without Hydra's node
-        cfg = copy.deepcopy(cfg)
         with open_dict(cfg):
             cfg.pop("hydra", None)
     try:

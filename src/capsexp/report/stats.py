@@ -42,11 +42,19 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], confidence: float =
                       len(d))
 
 
-def verdict(diff: Difference, predicts: int) -> str:
+def binomial_se(accuracy: float, images: int) -> float:
+    """The standard error of an accuracy measured on ``images`` images: sqrt(p (1 - p) / n)."""
+    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / images) if images > 0 else math.inf
+
+
+def verdict(diff: Difference, predicts: int, floor: float = 0.0) -> str:
     """``predicts``: the sign of ``b - a`` the claim expects (+1 or -1), or 0 for "they differ".
 
-    Only an interval that excludes zero decides; one that straddles it is no difference."""
-    if math.isnan(diff.low) or diff.low <= 0.0 <= diff.high:
+    Only an interval that clears the band ``[-floor, floor]`` decides; one that reaches into it is no
+    difference. The interval is over seeds, and every arm is scored on the same images, so it does
+    not see the sampling error of those images: ``floor`` is that error (``binomial_se`` for an
+    accuracy), below which a difference says nothing about images not scored."""
+    if math.isnan(diff.low) or (diff.low <= floor and diff.high >= -floor):
         return NO_DIFFERENCE
     sign = 1 if diff.low > 0 else -1
     return SUPPORTED if predicts in (0, sign) else NOT_SUPPORTED
