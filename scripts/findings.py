@@ -146,17 +146,17 @@ def run_study(profile: Profile, out: Path, arms: list[Arm]) -> None:
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
 
-    def once(key: str, run: Path, overrides: list[str]) -> None:
+    def once(key: str, run: Path, overrides: list[str], threads: int = profile.threads) -> None:
         if finished(run):
             return
-        print(f"findings: {key}", flush=True)
-        timings[key] = timings.get(key, 0.0) + launch(run, overrides, profile.threads, out / "runs.log")
+        print(f"findings: {key}\n", end="", flush=True)  # one write: two threads print at once
+        timings[key] = timings.get(key, 0.0) + launch(run, overrides, threads, out / "runs.log")
         tmp = timings_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(timings, indent=1, sort_keys=True))
         tmp.replace(timings_file)
 
     pretrain = out / "pretrain"
-    once("pretrain", pretrain, [*SHARED, *profile.pretrain])
+    once("pretrain", pretrain, [*SHARED, *profile.pretrain], profile.jobs * profile.threads)  # alone: every core
     weights = f"backbone.weights={pretrain / 'checkpoints' / 'last.pt'}"
     jobs = [(f"{arm.name}/seed{seed}", out / arm.name / f"seed{seed}",
              [*SHARED, *profile.finetune, weights, *arm.overrides, f"seed={seed}"])
