@@ -169,7 +169,9 @@ def _run_app(command: str, args: list[str]) -> None:
     except UserError as exc:
         _fail_plain(str(exc))
     sweeps.pass_command_line(args)  # read back by capsexp_sweep_subdir, in every job's process
-    sys.argv = [sys.argv[0], *hydra_argv(args), *extra, *records_by_capsexp(args, extra)]
+    # train writes Hydra's record itself once a run is accepted; bench leaves it to Hydra
+    records = records_by_capsexp(args, extra) if command == "train" else []
+    sys.argv = [sys.argv[0], *hydra_argv(args), *extra, *records]
     with contextlib.ExitStack() as held:
         if folder is not None:
             try:
