@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from capsexp.report.runs import Run, read_run  # noqa: E402
+from capsexp.rundir.files import write_atomic  # noqa: E402
 from capsexp.report.stats import NO_DIFFERENCE, Difference, binomial_se, paired_bootstrap, verdict  # noqa: E402
 
 README_START, README_END = "<!-- findings:start -->", "<!-- findings:end -->"
@@ -466,17 +467,11 @@ def write_docs(out: Path, docs: Path, readme: Path | None, profile: Any, arms: S
     ladder_figure(docs / "findings_ladder.png", runs, HEADS)
     command = "python scripts/findings.py" + ("" if profile.name == "cpu" else f" --profile {profile.name}")
     text = page(profile, runs, read_run(out / "pretrain", out), labels, results, timings, command)
-    atomic_write(docs / "findings.md", text)
-    atomic_write(out / "summary.md", summary(results) + "\n")
+    write_atomic(docs / "findings.md", text)
+    write_atomic(out / "summary.md", summary(results) + "\n")
     if readme is not None:
         old = readme.read_text()
         start, end = old.find(README_START), old.find(README_END)
         if start < 0 or end < start:
             raise SystemExit(f"findings: {readme} has no {README_START} ... {README_END} block to replace.")
-        atomic_write(readme, old[:start] + summary(results) + old[end + len(README_END):])
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+        write_atomic(readme, old[:start] + summary(results) + old[end + len(README_END):])

@@ -49,9 +49,20 @@ def with_file(rel: str, content: bytes | str) -> Setup:
 
 def capsexp_run(rel: str = "run") -> Setup:
     """A finished run folder, as capsexp leaves one (no checkpoint)."""
-    return lambda tmp: (with_file(f"{rel}/environment.json", json.dumps({"capsexp": "0.1.0"}))(tmp),
-                        with_file(f"{rel}/config.yaml", "seed: 0\n")(tmp),
-                        with_file(f"{rel}/metrics.json", '{"status": "completed"}')(tmp))[0]
+    def make(tmp: Path) -> None:
+        with_file(f"{rel}/environment.json", json.dumps({"capsexp": "0.1.0"}))(tmp)
+        with_file(f"{rel}/config.yaml", "seed: 0\n")(tmp)
+        with_file(f"{rel}/metrics.json", '{"status": "completed"}')(tmp)
+    return make
+
+
+def linked_report(name: str) -> Setup:
+    """A sweep folder with one run, and a link at one of the report's output names to the user's file."""
+    def make(tmp: Path) -> None:
+        capsexp_run("s/0")(tmp)
+        with_file("keep", "mine\n")(tmp)
+        (tmp / "s" / name).symlink_to(tmp / "keep")
+    return make
 
 
 def data_folder(extra: Callable[[Path], None] | None = None, classes: tuple[str, ...] = ("a", "b")) -> Setup:
@@ -198,9 +209,7 @@ REPORT_CASES = [
     Case("report-missing", ("{tmp}/nothing",), "'{tmp}/nothing' is not a folder;"),
     Case("report-a-file", ("{tmp}/f",), "'{tmp}/f' is not a folder;", with_file("f", "x")),
     Case("report-no-runs", ("{tmp}/empty",), "no runs below '{tmp}/empty'", lambda tmp: (tmp / "empty").mkdir()),
-    *(Case(f"report-link-at-{name}", ("{tmp}/s",), f"'{{tmp}}/s/{name}' is a symbolic link;",
-           lambda tmp, name=name: (capsexp_run("s/0")(tmp), (tmp / "s" / name).symlink_to(tmp / "keep"),
-                                   with_file("keep", "mine\n")(tmp))[0])
+    *(Case(f"report-link-at-{name}", ("{tmp}/s",), f"'{{tmp}}/s/{name}' is a symbolic link;", linked_report(name))
       for name in ("report.md", "report.csv", "report.png")),
 ]
 

@@ -139,14 +139,6 @@ def _version() -> str:
     return f"capsexp {__version__} (torch {torch.__version__}, torchvision {torchvision.__version__})"
 
 
-def _report(argv: list[str]) -> None:
-    try:
-        report_main(argv)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `capsexp report ... | head`: the reader left; no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
 def _run_app(command: str, args: list[str]) -> None:
     """Check the command line, lock the run folder it names, then hand Hydra (which parses
     ``sys.argv`` itself) its arguments: a second run into a folder in use stops before Hydra
@@ -224,8 +216,8 @@ def main() -> None:
     if command in ("-V", "--version"):
         print(_version())
         return
-    if command == "report":
-        _report(argv[1:])
+    if command == "report":  # `capsexp report ... | head`: _ClosedPipeSafe drops what the reader left
+        report_main(argv[1:])
         return
     if command not in COMMANDS:
         if command.startswith("-") or "=" in command:

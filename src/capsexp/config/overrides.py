@@ -25,6 +25,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from capsexp.config.argv import KNOWN_FLAGS, NO_CHECK_FLAGS, is_hydra_key, split_arguments
 from capsexp.errors import UserError, user_error_in
+from capsexp.rundir.folder import check_name_lengths
 from capsexp.config.tree import CONFIG_NAMES, command_of_group, config_groups, group_option, group_options
 
 # Hydra runs one of these modes per command
@@ -369,21 +370,6 @@ def _in_job(swept: list[str], exc: UserError) -> UserError:
     return UserError(f"in the job with {', '.join(swept)}: {exc}" if swept else str(exc))
 
 
-def _check_name_lengths(folder: Path) -> None:
-    """Each part of the run folder's path must fit the file system's limit on a name (255 bytes on most)."""
-    import os
-
-    existing = next((p for p in [folder.absolute(), *folder.absolute().parents] if os.path.exists(p)), Path("/"))
-    try:
-        limit = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    for part in folder.parts:
-        if len(os.fsencode(part)) > limit:
-            raise UserError(f"hydra.run.dir: the name '{part[:40]}...' is {len(os.fsencode(part))} bytes long; the "
-                            f"file system allows {limit}. Choose a shorter folder name.")
-
-
 def _check_run_folder(parsed: list[Any], cfg: DictConfig) -> Path | None:
     """The taken-folder and resume rules (``capsexp.rundir.resume``), before Hydra writes into the folder;
     raises ``NothingToDo`` for a complete run. Returns the folder where the command line names it."""
@@ -393,7 +379,7 @@ def _check_run_folder(parsed: list[Any], cfg: DictConfig) -> Path | None:
     # else the folder is Hydra's to name (a timestamp): the run checks and locks it itself
     folder = Path(given[-1]) if given and isinstance(given[-1], str) and "${" not in given[-1] else None
     if folder is not None:
-        _check_name_lengths(folder)
+        check_name_lengths(folder)
     try:
         open_resume(cfg, folder, lazy=True)
     except UserError:

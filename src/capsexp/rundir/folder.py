@@ -56,6 +56,19 @@ def made_by_capsexp(run_dir: Path) -> bool:
     return isinstance(found, dict) and "capsexp" in found
 
 
+def check_name_lengths(folder: Path) -> None:
+    """Each part of the run folder's path must fit the file system's limit on a name (255 bytes on most)."""
+    existing = next((p for p in [folder.absolute(), *folder.absolute().parents] if os.path.exists(p)), Path("/"))
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in folder.parts:
+        if len(os.fsencode(part)) > limit:
+            raise UserError(f"hydra.run.dir: the name '{part[:40]}...' is {len(os.fsencode(part))} bytes long; the "
+                            f"file system allows {limit}. Choose a shorter folder name.")
+
+
 def refuse_foreign_folder(run_dir: Path) -> None:
     """capsexp writes only into folders it made: a user's own folder is never written into."""
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
