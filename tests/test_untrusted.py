@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -209,3 +210,100 @@ def test_a_signal_to_the_process_group_saves_and_resume_continues(tmp_path: Path
                       f"trainer.max_steps={step + 3}", "trainer.max_epochs=100", "data.num_workers=2",
                       f"hydra.run.dir={run}", "trainer.resume=auto", cwd=tmp_path)
     assert resumed.returncode == 0 and f"resumed at step {step}" in resumed.stdout, resumed.stderr[-3000:]
+
+
+def tiny_sweep(sweep: Path, *changes: str, steps: int = 1) -> list[str]:
+    return ["train", "-m", *[a for a in TINY if not a.startswith("trainer.max_steps")], f"trainer.max_steps={steps}",
+            "seed=0,1", *changes, f"hydra.sweep.dir={sweep}"]
+
+
+def test_a_sweep_into_a_folder_capsexp_did_not_make_is_refused(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own file\n")
+    before = digest(tmp_path)
+    proc = run_cli(*tiny_sweep(mine), cwd=tmp_path)
+    one_error_line(proc, f"hydra.sweep.dir '{mine}' already holds files that are not a capsexp sweep's")
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_sweep_rerun_with_other_fixed_values_leaves_its_folder_byte_identical(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    made = run_cli(*tiny_sweep(sweep), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-2000:]
+    before = digest(tmp_path)
+    proc = run_cli(*tiny_sweep(sweep, "optim.lr=0.5"), cwd=tmp_path)
+    line = one_error_line(proc, f"hydra.sweep.dir '{sweep}' holds a sweep made with no optim.lr, and this one has "
+                                f"optim.lr=0.5.")
+    assert "set hydra.sweep.dir to a new folder" in line
+    assert digest(tmp_path) == before
+    # the same sweep, made longer and continued, is its own: it runs
+    again = run_cli(*tiny_sweep(sweep, "trainer.resume=auto", steps=2), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("resumed at step 1") == 2, again.stdout[-2000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 600 KB tmpfs: room for a run's records, not for its TensorBoard events."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"this machine cannot mount a tmpfs to fill ({mounted.stderr.strip() or 'mount failed'})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_while_tensorboard_writes_stops_the_run_in_one_sentence(small_disk: Path,
+                                                                                 tmp_path: Path) -> None:
+    run = small_disk / "run"
+    args = [a for a in TINY if not a.startswith(("trainer.max_steps", "trainer.max_epochs", "grads.figure"))]
+    proc = run_cli("train", *args, "trainer.max_steps=40", "trainer.max_epochs=10", "grads.figure_every_n_steps=1",
+                   "trainer.checkpoints=none", f"hydra.run.dir={run}", cwd=tmp_path)
+    line = one_error_line(proc, f"could not write '{run}': no space left on device;")
+    assert line.endswith("no checkpoint had been written yet, so the run must start again.")
+    assert "Exception in thread" not in proc.stderr  # TensorBoard's writer thread says nothing of its own
+    assert (run / "config.yaml").read_text().endswith("name: null\n")  # what was written before is whole
+
+
+@pytest.mark.slow
+def test_a_run_folder_removed_mid_run_stops_the_run_in_one_sentence(tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    proc = start_run(run, tmp_path)
+    try:
+        wait_for_training(proc, run)
+        while run.exists():  # the run may add a file while the folder is being removed
+            shutil.rmtree(run, ignore_errors=True)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.stderr = stderr  # type: ignore[assignment]
+    line = one_error_line(proc, "the run folder 'run' was removed while the run was writing to it")
+    assert line.endswith("start it again.")
+
+
+def test_report_names_a_run_folder_it_cannot_read(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    hand_made_run(root / "0_a")
+    hand_made_run(root / "1_b")
+    (root / "1_b").chmod(0)
+    # root reads any folder: without its two capabilities to bypass permissions, it reads as a user does
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    try:
+        proc = subprocess.run([*drop, sys.executable, "-m", "capsexp", "report", str(root)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        (root / "1_b").chmod(0o755)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"capsexp: warning: could not read '{root / '1_b'}' (permission denied); the runs inside it are not " \
+           f"in the report." in proc.stderr
+    assert "1 run;" in proc.stdout

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from capsexp.errors import UserError
+from capsexp.errors import UserError, disk_error
 from capsexp.rundir.checkpoint import link_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
 from capsexp.config.validation import flatten, validate
 from capsexp.data.datasets import bad_image_count, build_datasets, build_loaders, shutdown_workers
@@ -53,8 +53,24 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         rt = setup_runtime(cfg.trainer)
         try:
             return _fit(cfg, run_dir, rt, ckpt)
+        except Exception as exc:
+            raise _failed_write(run_dir, exc) or exc
         finally:
             teardown(rt)
+
+
+def _failed_write(run_dir: Path, exc: Exception) -> UserError | None:
+    """One sentence for a run stopped by its folder: removed under it, or a disk that refused a write
+    (full, read-only, protected) at any point, TensorBoard's writer thread included; None otherwise."""
+    if isinstance(exc, UserError):
+        return None
+    if not run_dir.is_dir():
+        return UserError(f"the run folder '{shown(run_dir)}' was removed while the run was writing to it, so the "
+                         f"run stopped; start it again.")
+    path = newest_checkpoint(run_dir)
+    kept = (f"its last checkpoint, {shown(path)}, is intact: make room, then trainer.resume=auto continues from it"
+            if path is not None else "no checkpoint had been written yet, so the run must start again")
+    return disk_error(run_dir, exc, kept)
 
 
 def _fit(cfg: DictConfig, run_dir: Path, rt: Runtime, ckpt: dict[str, Any] | None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Every scalar's x-axis is the global optimizer step (``step``), including validat
 from __future__ import annotations
 
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
@@ -29,6 +30,20 @@ class Logger(Protocol):
     def close(self) -> None: ...
 
 
+_default_thread_hook = threading.excepthook
+
+
+def _writer_errors_said_once(args: threading.ExceptHookArgs) -> None:
+    """TensorBoard's writer thread keeps the error that ended it (a full disk, a removed run folder)
+    and raises it again at the training thread's next write, where capsexp says it in one sentence;
+    the thread's own printout would be a second report, with a traceback."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    if isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError):
+        return
+    _default_thread_hook(args)
+
+
 class RunLogger:
     def __init__(self, log_dir: Path | None) -> None:
         self.writer = None
@@ -37,6 +52,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(log_dir))
+            threading.excepthook = _writer_errors_said_once
 
     def submit(self, work: Callable[[], None], what: str) -> None:
         """Run ``work`` on the logger's own thread, in order, so that rendering a figure (about a

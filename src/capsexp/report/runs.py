@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import yaml
 
+from capsexp.errors import UserError
 from capsexp.runkeys import keys_where
 from capsexp.config.sweep_outcome import FAILED_FILE, read_failure
 from capsexp.config.tree import flatten
@@ -33,11 +35,22 @@ class Run:
     alarm: str | None                 # the alarm texts of the event files, joined
 
 
-def find_runs(root: Path) -> list[Path]:
+def _say_unread(exc: OSError) -> None:
+    print(f"capsexp: warning: could not read '{exc.filename}' ({(exc.strerror or str(exc)).lower()}); "
+          f"the runs inside it are not in the report.", file=sys.stderr, flush=True)
+
+
+def find_runs(root: Path, unread: Callable[[OSError], None] = _say_unread) -> list[Path]:
     """Every folder at or below ``root`` holding event files (or ``tb/``) or ``metrics.json``; runs
-    are not searched inside."""
+    are not searched inside. A folder that cannot be listed goes to ``unread`` (by default a warning
+    on stderr), never silently; ``root`` itself unreadable is a UserError."""
+    def refused(exc: OSError) -> None:
+        if Path(exc.filename) == root:
+            raise UserError(f"could not read '{root}': {(exc.strerror or str(exc)).lower()}.")
+        unread(exc)
+
     runs = []
-    for here, subdirs, files in os.walk(root):
+    for here, subdirs, files in os.walk(root, onerror=refused):
         if "metrics.json" in files or FAILED_FILE in files or "tb" in subdirs or \
                 any(f.startswith(EVENTS_PREFIX) for f in files):
             runs.append(Path(here))
