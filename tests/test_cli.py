@@ -11,12 +11,12 @@ import torchvision
 from capsexp import __version__
 from capsexp.errors import UserError
 from capsexp.config.overrides import check_command_line
-from conftest import make_cfg, run_cli
+from conftest import make_cfg, run_cli, run_cold
 
 
 @pytest.mark.parametrize("flag", ["--version", pytest.param("-V", marks=pytest.mark.slow)])
 def test_version_names_capsexp_torch_and_torchvision(flag: str, tmp_path: Path) -> None:
-    done = run_cli(flag, cwd=tmp_path, timeout=120)
+    done = run_cold(flag, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == (f"capsexp {__version__} (torch {torch.__version__}, "
                            f"torchvision {torchvision.__version__})\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
 from capsexp.data import datasets as data
-from capsexp.data.datasets import bad_image_count, build_datasets, build_loaders
+from capsexp.data.datasets import bad_image_count, build_datasets, build_loaders, shutdown_workers
 from capsexp.errors import UserError
 from capsexp.data.imagefolder import IMAGE_EXTENSIONS, ImageSplit, decode_rgb
 from conftest import TINY, run_cli
@@ -28,6 +28,24 @@ def folder_cfg(root: Path, **overrides: object) -> DictConfig:
     cfg = OmegaConf.load(CONF)
     cfg.merge_with({"root": str(root), "image_size": 32, "num_workers": 0, **overrides})
     return cfg
+
+
+_OPEN: list = []
+
+
+@pytest.fixture(autouse=True)
+def _workers_ended() -> Iterator[None]:
+    # a loader whose iteration raised is held by the exception; left to the garbage collector, its
+    # workers take 10 s to end: end them with the test, as train(cfg) does with its own
+    yield
+    shutdown_workers(*_OPEN)
+    _OPEN.clear()
+
+
+def open_loaders(cfg: DictConfig, train: Any, val: Any, **kwargs: Any) -> tuple:
+    loaders = build_loaders(cfg, train, val, **kwargs)
+    _OPEN.extend(loaders)
+    return loaders
 
 
 def noise_images(folder: Path, count: int, seed: int = 0, suffix: str = ".png") -> list[Path]:
@@ -210,7 +228,7 @@ def test_bad_file_found_in_a_loader_worker_is_named_in_one_sentence(tmp_path: Pa
     reason = _make_bad(kind, bad)
     cfg = folder_cfg(tmp_path, num_workers=1, batch_size=2, val_fraction=0.3)
     train, val, _ = build_datasets(cfg, seed=0)  # the contents are not read at start-up
-    loaders = build_loaders(cfg, train, val, seed=0)
+    loaders = open_loaders(cfg, train, val, seed=0)
     with pytest.raises(UserError) as err:  # re-raised by torch in this process, still a UserError
         for loader in loaders:
             list(loader)
@@ -248,7 +266,7 @@ def test_skip_replaces_bad_images_and_counts_them_in_the_parent(tmp_path: Path,
     cfg = folder_cfg(tmp_path, on_bad_image="skip", num_workers=2, batch_size=3, val_fraction=0.25)
     train, val, _ = build_datasets(cfg, seed=0)
     assert bad_image_count(train, val) == 1  # the empty file, left out at start-up
-    train_loader, val_loader = build_loaders(cfg, train, val, seed=0)
+    train_loader, val_loader = open_loaders(cfg, train, val, seed=0)
     for epoch in range(2):
         train_loader.sampler.set_epoch(epoch)
         sizes = [len(y) for _, y in train_loader]
@@ -269,7 +287,7 @@ def test_skip_replacement_is_the_same_in_every_run(tmp_path: Path) -> None:
 
     def epoch() -> list:
         train, val, _ = build_datasets(cfg, seed=0)
-        return [x for x, _ in build_loaders(cfg, train, val, seed=0)[0]]
+        return [x for x, _ in open_loaders(cfg, train, val, seed=0)[0]]
 
     first, second = epoch(), epoch()
     assert all(bool((a == b).all()) for a, b in zip(first, second))
@@ -283,7 +301,7 @@ def test_skip_with_no_decodable_image_says_so(tmp_path: Path) -> None:
     cfg = folder_cfg(tmp_path, on_bad_image="skip", val_fraction=0.5, batch_size=2, num_workers=1)
     train, val, _ = build_datasets(cfg, seed=0)
     with pytest.raises(UserError) as err:  # found in a worker process, told in one sentence
-        list(build_loaders(cfg, train, val, seed=0)[0])
+        list(open_loaders(cfg, train, val, seed=0)[0])
     assert str(err.value) == (f"data: none of the 2 images of this split below '{tmp_path}' could be decoded "
                               f"(data.on_bad_image=skip skipped them all); check the files.")
 
@@ -311,7 +329,7 @@ def test_postscript_named_jpg_never_starts_ghostscript(tmp_path: Path, monkeypat
     cfg = folder_cfg(tmp_path / "images", num_workers=1, batch_size=2, val_fraction=0.5)
     train, val, _ = build_datasets(cfg, seed=0)
     with pytest.raises(UserError) as err:
-        for loader in build_loaders(cfg, train, val, seed=0):
+        for loader in open_loaders(cfg, train, val, seed=0):
             list(loader)
     assert str(err.value) == (f"data: cannot decode image '{planted}' (not an image in a format capsexp reads "
                               f"(JPEG, PNG, PPM, BMP, TIFF, WEBP, GIF)){ENDING}")

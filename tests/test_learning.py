@@ -16,7 +16,7 @@ from capsexp.diagnostics.features import feature_gradient
 from capsexp.diagnostics.gradients import snapshot, update_stats
 from capsexp.diagnostics.drift import centred_gram, linear_cka
 from capsexp.train import train
-from conftest import make_cfg
+from conftest import make_cfg, run_cli
 
 
 def _stages(seed: int = 0) -> dict[str, nn.Module]:
@@ -196,15 +196,11 @@ def test_skipped_updates_write_no_update_ratio(tmp_path: Path, monkeypatch: pyte
 
 @pytest.mark.slow
 def test_sgd_at_a_high_learning_rate_is_named_by_the_exploding_alarm(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     run = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "capsexp", "train", "data.image_size=32", "data.train_size=96", "data.val_size=16",
-         "data.batch_size=8", "trainer.max_steps=12", "trainer.progress=false", "optim=sgd", "optim.lr=5",
-         "optim.warmup_steps=0", "grads.log_every_n_steps=2", "grads.figure_every_n_steps=0",
-         "trainer.on_nonfinite=skip", f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=900)
+    done = run_cli("train", "backbone=resnet18", "data.image_size=32", "data.train_size=96", "data.val_size=16",
+                   "data.batch_size=8", "trainer.max_steps=12", "trainer.progress=false", "optim=sgd", "optim.lr=5",
+                   "optim.warmup_steps=0", "grads.log_every_n_steps=2", "grads.figure_every_n_steps=0",
+                   "trainer.on_nonfinite=skip", f"hydra.run.dir={run}", cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = _metrics(run)
     message = metrics["alarm/exploding"]

@@ -4,6 +4,7 @@ read-only tmpfs (where this machine lets the test mount one; otherwise those tes
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -123,3 +124,17 @@ def test_a_read_only_disk_is_one_sentence_naming_the_folder(tmpfs: Path) -> None
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "read-only file system" in errors[0] and str(tmpfs / "runs") in errors[0], errors
     assert not (tmpfs / "runs" / "run").exists()
+
+
+def test_a_run_that_has_only_begun_its_record_is_in_use_not_foreign(tmp_path: Path) -> None:
+    # a run just started: its lock (held by this live process) and config.yaml, no environment.json yet
+    run = tmp_path / "run"
+    run.mkdir()
+    start = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    (run / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "start": start,
+                                        "since": "2026-12-07 10:00:00"}) + "\n")
+    (run / "config.yaml").write_text("seed: 0\n")
+    second = run_cli("train", *ARGS, f"hydra.run.dir={run}", cwd=tmp_path)
+    errors = _errors(second.stderr)
+    assert second.returncode == 2 and len(errors) == 1, second.stderr[-2000:]
+    assert f"is in use by another capsexp run (pid {os.getpid()} on {os.uname().nodename}, since " in errors[0]

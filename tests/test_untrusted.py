@@ -165,6 +165,19 @@ def test_a_failing_job_does_not_stop_the_sweep_and_the_report_lists_it(tmp_path:
     assert "| completed |" in table
 
 
+@pytest.mark.slow
+def test_a_job_stopped_by_non_finite_values_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_cli("train", "-m", *TINY, "optim=sgd", "optim.momentum=0", "optim.warmup_steps=0",
+                   "grads.enabled=false", "optim.lr=1e6,0.001", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    diverged, sane = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"capsexp: error: 1 job of the sweep failed: {diverged.name} ")
+    failure = json.loads((diverged / "failed.json").read_text())
+    assert failure["exit_code"] == 3 and "non-finite" in failure["reason"], failure
+    assert json.loads((sane / "metrics.json").read_text())["status"] == "completed"  # the job after it ran
+
+
 def start_run(run: Path, cwd: Path, *extra: str) -> "subprocess.Popen[str]":
     """A long run with two loader workers, in its own process group, as a scheduler starts one."""
     args = [a for a in TINY if not a.startswith(("trainer.max_steps", "trainer.max_epochs"))]

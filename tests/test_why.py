@@ -143,13 +143,14 @@ def test_probes_are_written_at_step_0_and_at_every_probe_validation(tmp_path: Pa
 @pytest.mark.slow
 def test_a_backbone_trained_on_the_task_has_a_layer4_probe_above_chance(tmp_path: Path) -> None:
     trained = tmp_path / "trained"
-    train(make_cfg("data.image_size=64", "data.train_size=2000", "data.val_size=64", "data.batch_size=32",
+    # 32 px (a 1x1 map at layer4) learns the shapes as well as 64 px in half the time: probe 0.29 here
+    train(make_cfg("data.image_size=32", "data.train_size=2000", "data.val_size=64", "data.batch_size=32",
                    "trainer.max_epochs=3", "trainer.max_steps=null", "optim.lr=0.002", "grads.probe.images=0",
                    "grads.drift.probe_images=0", "trainer.log_every_n_steps=50", "grads.log_every_n_steps=50",
                    "grads.figure_every_n_steps=0", tiny=True), run_dir=trained)
     run = tmp_path / "probe"
     # 512 probe images: chance 0.125 give or take 2 standard errors of 0.015
-    train(make_cfg("data.image_size=64", "data.train_size=512", "data.val_size=512",
+    train(make_cfg("data.image_size=32", "data.train_size=512", "data.val_size=512",
                    f"backbone.weights={trained / 'checkpoints' / 'last.pt'}", "grads.probe.images=512",
                    "trainer.max_steps=1"), run_dir=run)
     layer4 = scalars(run)["probe/layer4"][0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -44,6 +45,9 @@ options:
 """
 
 
+INTERRUPTED = "interrupted; a checkpoint already in the run folder is intact, and trainer.resume=auto continues from it."
+
+
 def _fail_plain(message: str, code: int = 2) -> NoReturn:
     print(f"capsexp: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
@@ -72,8 +76,7 @@ def _outcome(work: Callable[[], object]) -> tuple[object, str | None, int]:
     except StopTraining as exc:
         return None, str(exc), exc.exit_code
     except KeyboardInterrupt:  # before the loop took over the signals, or a second Ctrl-C
-        return None, ("interrupted; a checkpoint already in the run folder is intact, and trainer.resume=auto "
-                      "continues from it."), 130
+        return None, INTERRUPTED, 130
 
 
 def _guarded(work: Callable[[], object]) -> object:
@@ -204,10 +207,26 @@ class _ClosedPipeSafe:
         return getattr(self._stream, name)
 
 
+def _stop_at_once(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # as Ctrl-C: what is held (the run folder's lock) is let go on the way out
+
+
 def main() -> None:
     if not isinstance(sys.stdout, _ClosedPipeSafe):
         sys.stdout = _ClosedPipeSafe(sys.stdout)
-    argv = sys.argv[1:]
+    # until the training loop takes the signals over (finish the step, save), a scheduler's SIGTERM
+    # or a closed terminal's SIGHUP stops the command as Ctrl-C does: one sentence, exit code 130
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_at_once)
+    try:
+        _main(sys.argv[1:])
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _fail_plain(INTERRUPTED, 130)
+
+
+def _main(argv: list[str]) -> None:
     strip_command_from_completion_line(COMMANDS)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")

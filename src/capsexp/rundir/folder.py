@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from capsexp import __version__
 from capsexp.errors import UserError, disk_error
 from capsexp.rundir.files import refuse_link, write_atomic
-from capsexp.rundir.lock import LOCK_FILE
+from capsexp.rundir.lock import LOCK_FILE, refuse_if_held
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
@@ -75,6 +75,7 @@ def refuse_foreign_folder(run_dir: Path) -> None:
         kind = "a symbolic link" if run_dir.is_symlink() else "a file"
         raise UserError(f"the run folder '{run_dir}' is {kind}, not a folder; set hydra.run.dir to a new folder.")
     if run_dir.is_dir() and not made_by_capsexp(run_dir):
+        refuse_if_held(run_dir)  # a run starting there: in use, not foreign
         raise UserError(f"the run folder '{run_dir}' already holds files that capsexp did not write; capsexp "
                         f"writes only into new folders and its own run folders. Set hydra.run.dir to a new folder.")
 

@@ -53,6 +53,19 @@ def hold_run_folder(run_dir: Path) -> Iterator[None]:
         _release(lock)
 
 
+def refuse_if_held(run_dir: Path) -> None:
+    """A folder whose lock a live capsexp run (not this process) holds is in use, whatever else it
+    holds so far: a run that has just started has not written its record yet."""
+    lock = run_dir / LOCK_FILE
+    if not lock.is_file() or lock.is_symlink():
+        return
+    holder = _read(lock)
+    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        return
+    if not _stale(lock, holder):
+        raise _in_use(run_dir, lock, holder)
+
+
 def _record() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()),
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
