@@ -54,6 +54,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_goes_on(tmp_
         errors = _errors(second.stderr)
         assert second.returncode == 2 and len(errors) == 1, second.stderr[-2000:]
         assert f"is in use by another capsexp run (pid {first.pid} on {os.uname().nodename}, since " in errors[0]
+        _wait_for(run / "checkpoints" / "last.pt", first)  # the first run goes on, and trains
         first.send_signal(signal.SIGTERM)  # the first run checkpoints and ends; its lock goes with it
         assert first.wait(timeout=300) == 130
     finally:
@@ -138,3 +139,19 @@ def test_a_run_that_has_only_begun_its_record_is_in_use_not_foreign(tmp_path: Pa
     errors = _errors(second.stderr)
     assert second.returncode == 2 and len(errors) == 1, second.stderr[-2000:]
     assert f"is in use by another capsexp run (pid {os.getpid()} on {os.uname().nodename}, since " in errors[0]
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_a_run_starts_stops_it_in_one_sentence_and_lets_the_folder_go(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = _start(*ARGS, *LONG, f"hydra.run.dir={run}", cwd=tmp_path)
+    try:
+        _wait_for(run / LOCK, first)  # the folder is locked; training has not begun
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert _errors(stderr) == ["capsexp: error: interrupted; a checkpoint already in the run folder is intact, and "
+                               "trainer.resume=auto continues from it."]
+    assert not (run / LOCK).exists()
