@@ -36,7 +36,7 @@ def _params(stages: dict[str, nn.Module]) -> list[nn.Parameter]:
 
 
 def _norm(tensors: list[torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
+    return math.sqrt(sum(float(t.detach().double().square().sum()) for t in tensors))
 
 
 def test_plain_sgd_update_to_weight_is_lr_times_grad_to_weight() -> None:

@@ -197,7 +197,7 @@ def test_two_identical_seeded_runs_give_identical_metrics(tmp_path: Path) -> Non
 def test_sigint_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
     from test_train import scalar_tags
 
-    args = [*TINY, "data.train_size=192", "trainer.max_steps=24", "trainer.max_epochs=2",
+    args = [*TINY, "data.train_size=128", "trainer.max_steps=16", "trainer.max_epochs=2",
             "data.val_size=16"]
     straight = run_cli("train", *args, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -218,7 +218,7 @@ def test_sigint_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one(t
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "checkpoint saved" in err
     saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert 0 < saved["state"]["step"] < 24
+    assert 0 < saved["state"]["step"] < 16
 
     resumed = run_cli("train", *args, f"hydra.run.dir={run_dir}", "trainer.resume=auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -28,7 +28,8 @@ from capsexp.diagnostics.hparams import MARKED, compared_hparams
 from capsexp.diagnostics.summary import ALARMS, print_summary, summary_metrics
 from capsexp.config.naming import routing_iterates, swept_keys_of_this_job
 from capsexp.rundir.resume import NothingToDo, check_classes, open_resume
-from capsexp.rundir.folder import (environment, output_dir, shown, start_run_record, write_metrics,
+from capsexp.rundir.files import shown
+from capsexp.rundir.folder import (environment, output_dir, start_run_record, write_metrics,
                                    write_run_record)
 from capsexp.rundir.lock import hold_run_folder
 from capsexp.runtime import Runtime, all_reduce, barrier, setup_runtime, teardown

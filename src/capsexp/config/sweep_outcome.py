@@ -19,7 +19,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from capsexp.rundir.files import write_atomic
+from capsexp.rundir.files import safe_yaml, write_atomic
 
 FAILED_FILE = "failed.json"
 FAILED: list[tuple[str, str]] = []  # (job folder, reason) of the sweep that just ended, in this process
@@ -76,8 +76,6 @@ def check_sweep_folder(sweep_dir: Path, task: list[str]) -> None:
     if not sweep_dir.is_dir() or not any(sweep_dir.iterdir()):
         return
     try:
-        from capsexp.report.runs import safe_yaml
-
         recorded = safe_yaml(record.read_text())["hydra"]["overrides"]["task"]
         before = _fixed([str(item) for item in recorded])
     except Exception as exc:  # noqa: BLE001 -- missing, unreadable or not Hydra's: not a sweep's record

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from capsexp.errors import UserError
+from capsexp.rundir.files import safe_yaml
 from capsexp.runkeys import keys_where
 from capsexp.config.sweep_outcome import FAILED_FILE, read_failure
 from capsexp.config.tree import flatten
@@ -113,19 +114,6 @@ def read_events(tb: Path) -> tuple[dict[str, list[tuple[int, float]]], str | Non
         return scalars, "; ".join(alarms) or None
     except Exception:  # noqa: BLE001 -- a file being written or damaged must not stop the report
         return {}, None
-
-
-class _NoAliases(yaml.SafeLoader):
-    """capsexp writes no YAML aliases; refusing them keeps an alias bomb from filling the memory."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.YAMLError("YAML aliases are not read")
-        return super().compose_node(parent, index)
-
-
-def safe_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_NoAliases)  # noqa: S506 -- a SafeLoader, without aliases
 
 
 def read_run(path: Path, root: Path) -> Run:

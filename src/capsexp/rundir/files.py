@@ -1,4 +1,5 @@
-"""How capsexp writes a file: whole or not at all, and never through a link.
+"""How capsexp writes a file: whole or not at all, and never through a link; and how it reads the
+YAML of a run or sweep folder (which is input too).
 
 Every file capsexp writes (run records, metrics, reports, bench tables, figures) goes to a new
 temporary file in the same folder and is renamed into place, so a reader, a full disk or a kill
@@ -11,8 +12,19 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from capsexp.errors import UserError
+
+
+def shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def refuse_link(path: Path) -> None:
@@ -39,3 +51,16 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class _NoAliases(yaml.SafeLoader):
+    """capsexp writes no YAML aliases; refusing them keeps an alias bomb from filling the memory."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("YAML aliases are not read")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_NoAliases)  # noqa: S506 -- a SafeLoader, without aliases

@@ -144,10 +144,3 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
         raise disk_error(run_dir / METRICS_FILE, exc, "the checkpoints are intact") or exc from None
     return run_dir / METRICS_FILE
 
-
-def shown(path: Path) -> str:
-    """A path as the user would type it: relative to the working folder when it is inside it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)

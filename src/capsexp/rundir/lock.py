@@ -179,7 +179,7 @@ def _in_use(run_dir: Path, lock: Path, holder: dict[str, Any] | None) -> UserErr
 
 def _remove_temporaries(run_dir: Path) -> None:
     from capsexp.rundir.checkpoint import remove_stale_temporaries
-    from capsexp.rundir.folder import shown
+    from capsexp.rundir.files import shown
 
     removed = remove_stale_temporaries(run_dir / "checkpoints")
     if removed:
