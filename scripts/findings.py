@@ -183,7 +183,11 @@ def main(argv: list[str]) -> None:
         profile = replace(profile, pretrain=(*profile.pretrain, *TINY[0]), finetune=(*profile.finetune, *TINY[1]),
                           seeds=profile.seeds[:2], jobs=1, threads=1, device="a CPU (--tiny)")
     if args.seeds:
-        profile = replace(profile, seeds=tuple(int(s) for s in args.seeds.split(",")))
+        try:
+            profile = replace(profile, seeds=tuple(int(s) for s in args.seeds.split(",")))
+        except ValueError:
+            raise SystemExit(f"findings: --seeds: '{args.seeds}' is not a comma-separated list of integers, "
+                             f"e.g. 0,1,2.") from None
     unknown = [a for a in (args.arms or "").split(",") if a and a not in ARM]
     if unknown:
         raise SystemExit(f"findings: --arms: unknown {', '.join(unknown)}; the arms are {', '.join(ARM)}.")
@@ -192,6 +196,9 @@ def main(argv: list[str]) -> None:
     out = args.out or ROOT / "outputs" / "findings" / (profile.name + ("-tiny" if args.tiny else ""))
     docs = args.docs or (ROOT / "docs" if full else out / "docs")
     readme = args.readme or (ROOT / "README.md" if full else None)
+    if readme is not None and not readme.is_file():  # found before hours of runs, not after
+        raise SystemExit(f"findings: --readme: no file at '{readme}'; give the README whose summary (between "
+                         f"<!-- findings:start --> and <!-- findings:end -->) is replaced.")
     started = time.monotonic()
     run_study(profile, out, arms)
     write_docs(out, docs, readme, profile, arms, ARMS)

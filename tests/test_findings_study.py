@@ -53,6 +53,17 @@ def test_the_gpu_profile_runs_at_toy_size_on_a_cpu(tmp_path: Path) -> None:
     assert "backbone=resnet50" in (tmp_path / "docs" / "findings.md").read_text()
 
 
+@pytest.mark.parametrize("args, said", [
+    (("--readme", "/nonexistent/README.md"), "findings: --readme: no file at '/nonexistent/README.md';"),
+    (("--seeds", "0,one"), "findings: --seeds: '0,one' is not a comma-separated list of integers"),
+])
+def test_a_bad_option_is_one_sentence_before_any_run(tmp_path: Path, args: tuple[str, ...], said: str) -> None:
+    result = study("--tiny", "--out", str(tmp_path / "study"), *args)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(said)
+    assert not (tmp_path / "study").exists()  # nothing ran
+
+
 def test_an_unknown_arm_is_named_with_the_list() -> None:
     result = study("--arms", "fc,dynamc")
     assert result.returncode != 0

@@ -127,7 +127,7 @@ def test_mid_epoch_resume_with_random_augmentation_repeats_the_same_steps(tmp_pa
     """Random crops and flips (image folders train with them), a stop inside an epoch, loader
     workers only after the resume: the resumed steps are the uninterrupted run's steps."""
     root = _noise_folder(tmp_path / "images")
-    args = ("data=imagefolder", f"data.root={root}", "data.image_size=32", "data.batch_size=8",
+    args = ("backbone=resnet18", "data=imagefolder", f"data.root={root}", "data.image_size=32", "data.batch_size=8",
             "data.val_fraction=0.2", "trainer.max_epochs=2", "optim.scheduler=constant",
             "optim.warmup_steps=0", "trainer.log_every_n_steps=1", "trainer.progress=false",
             "grads.log_every_n_steps=1", "grads.figure_every_n_steps=0")
