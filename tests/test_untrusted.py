@@ -320,3 +320,27 @@ def test_report_names_a_run_folder_it_cannot_read(tmp_path: Path) -> None:
     assert f"capsexp: warning: could not read '{root / '1_b'}' (permission denied); the runs inside it are not " \
            f"in the report." in proc.stderr
     assert "1 run;" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_run_started_with_sighup_ignored_keeps_training_through_it(tmp_path: Path) -> None:
+    # `nohup capsexp train ...`: SIGHUP ignored by whoever started it stays ignored, in the loop too
+    run = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith(("trainer.max_steps", "trainer.max_epochs"))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "capsexp", "train", *args, "trainer.max_steps=400",
+                             "trainer.max_epochs=100", f"hydra.run.dir={run}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        wait_for_training(proc, run)
+        os.killpg(proc.pid, signal.SIGHUP)
+        time.sleep(2)
+        assert proc.poll() is None  # still training
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "received SIGHUP" not in stderr, stderr[-2000:]
+    assert "received SIGTERM" in stderr and "Traceback" not in stderr

@@ -215,9 +215,11 @@ def main() -> None:
     if not isinstance(sys.stdout, _ClosedPipeSafe):
         sys.stdout = _ClosedPipeSafe(sys.stdout)
     # until the training loop takes the signals over (finish the step, save), a scheduler's SIGTERM
-    # or a closed terminal's SIGHUP stops the command as Ctrl-C does: one sentence, exit code 130
+    # or a closed terminal's SIGHUP stops the command as Ctrl-C does: one sentence, exit code 130.
+    # A signal ignored from the start (SIGHUP under nohup) stays ignored.
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _stop_at_once)
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _stop_at_once)
     try:
         _main(sys.argv[1:])
     except KeyboardInterrupt:

@@ -280,6 +280,8 @@ class SignalGuard:
 
     def __enter__(self) -> "SignalGuard":
         for sig in self.SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # ignored by whoever started capsexp (nohup: SIGHUP)
+                continue
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some launchers): leave signals alone
