@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
@@ -53,6 +54,22 @@ def _one_thread_everywhere() -> Iterator[None]:
 def one_thread() -> Iterator[None]:
     # kept for the modules that ask for it by name; the session already runs on one thread
     yield from _single_thread()
+
+
+@contextmanager
+def mounted_tmpfs(folder: Path, size: str, why_needed: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``folder`` (made here), unmounted afterwards; the test is skipped,
+    saying ``why_needed`` and the mount's own error, where the machine does not let it mount one (root)."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"this machine does not let the test mount a tmpfs ({done.stderr.strip() or 'mount failed'}); "
+                    f"{why_needed}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def make_cfg(*overrides: str, tiny: bool = True, config_name: str = "config") -> DictConfig:

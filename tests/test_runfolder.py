@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from capsexp.rundir.checkpoint import load_checkpoint
-from conftest import TINY, run_cli
+from conftest import TINY, mounted_tmpfs, run_cli
 
 # resnet18 at 32 px: a few steps a second, so a long run lasts long enough to be met by a second one
 ARGS = [*TINY, "backbone=resnet18", "grads.figure_every_n_steps=0", "grads.drift.probe_images=0"]
@@ -88,16 +88,9 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path: Path
 @pytest.fixture()
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real tmpfs of 200 MB: room for one resnet18 checkpoint with its AdamW state (~134 MB), not two."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("this machine does not let the test mount a tmpfs (it needs root); the disk-full and "
-                    "read-only cases are then covered by the unit tests of capsexp.errors only")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "200m", "the disk-full and read-only cases are then covered by the "
+                       "unit tests of capsexp.errors only") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.mark.slow

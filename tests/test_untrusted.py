@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from conftest import TINY, run_cli
+from conftest import TINY, mounted_tmpfs, run_cli
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -260,16 +260,8 @@ def test_a_sweep_rerun_with_other_fixed_values_leaves_its_folder_byte_identical(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 600 KB tmpfs: room for a run's records, not for its TensorBoard events."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"this machine cannot mount a tmpfs to fill ({mounted.stderr.strip() or 'mount failed'})")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "600k", "a disk that fills while TensorBoard writes needs one") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from capsexp import __version__
 from capsexp.config import naming as sweeps
 from capsexp.config.argv import (distributed_overrides, hydra_argv, records_by_capsexp,
                                  strip_command_from_completion_line)
-from capsexp.errors import UserError, user_error_in
+from capsexp.errors import UserError, say_error, user_error_in
 from capsexp.config.tree import CONFIG_NAMES
 from capsexp.config.overrides import check_command_line
 from capsexp.config.sweep_outcome import FAILED
@@ -49,7 +49,7 @@ INTERRUPTED = "interrupted; a checkpoint already in the run folder is intact, an
 
 
 def _fail_plain(message: str, code: int = 2) -> NoReturn:
-    print(f"capsexp: error: {message}", file=sys.stderr, flush=True)
+    say_error(message)
     sys.exit(code)
 
 
@@ -104,7 +104,7 @@ def _sweep_job(work: Callable[[], object]) -> object:
     result, message, code = _outcome(work)
     if message is None:
         return result
-    print(f"capsexp: error: {message}", file=sys.stderr, flush=True)
+    say_error(message)
     if code == 130:  # interrupted: the sweep stops too
         sys.exit(code)
     record_failure(Path(HydraConfig.get().runtime.output_dir), message, code)

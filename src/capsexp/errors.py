@@ -1,10 +1,16 @@
 """Errors meant for the user: one clear sentence, printed without a traceback."""
 
 import errno
+import sys
 
 
 class UserError(Exception):
     """Bad input or an unusable environment; the message names the key and what is allowed."""
+
+
+def say_error(message: object) -> None:
+    """The one line a user reads on stderr when capsexp stops: ``capsexp: error: <sentence>``."""
+    print(f"capsexp: error: {message}", file=sys.stderr, flush=True)
 
 
 def user_error_in(exc: BaseException | None) -> UserError | None:

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from capsexp.errors import UserError, disk_error
+from capsexp.errors import UserError, disk_cause, disk_error
 from capsexp.rundir.checkpoint import link_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
 from capsexp.config.validation import flatten, validate
 from capsexp.data.datasets import bad_image_count, build_datasets, build_loaders, shutdown_workers
@@ -68,6 +68,8 @@ def _failed_write(run_dir: Path, exc: Exception) -> UserError | None:
     if not run_dir.is_dir():
         return UserError(f"the run folder '{shown(run_dir)}' was removed while the run was writing to it, so the "
                          f"run stopped; start it again.")
+    if disk_cause(exc) is None:  # a bug or a stop of another kind: it says itself what happened
+        return None
     path = newest_checkpoint(run_dir)
     kept = (f"its last checkpoint, {shown(path)}, is intact: make room, then trainer.resume=auto continues from it"
             if path is not None else "no checkpoint had been written yet, so the run must start again")

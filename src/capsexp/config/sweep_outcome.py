@@ -98,13 +98,13 @@ class SweepOutcome(Callback):
     this sweep's (before Hydra writes into it), and collects the failed jobs of a sweep."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        from capsexp.errors import UserError
+        from capsexp.errors import UserError, say_error
 
         FAILED.clear()
         try:
             check_sweep_folder(Path(str(config.hydra.sweep.dir)), list(config.hydra.overrides.task))
         except UserError as exc:  # Hydra would wrap it in its own report: one sentence, and nothing written
-            print(f"capsexp: error: {exc}", file=sys.stderr, flush=True)
+            say_error(exc)
             sys.exit(2)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:

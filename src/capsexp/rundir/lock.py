@@ -60,7 +60,7 @@ def refuse_if_held(run_dir: Path) -> None:
     if not lock.is_file() or lock.is_symlink():
         return
     holder = _read(lock)
-    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+    if _ours(holder):
         return
     if not _stale(lock, holder):
         raise _in_use(run_dir, lock, holder)
@@ -100,9 +100,13 @@ def _acquire(run_dir: Path) -> Path:
     raise _in_use(run_dir, lock, _read(lock))
 
 
+def _ours(holder: dict[str, Any] | None) -> bool:
+    """Whether the lock's record is this process's."""
+    return holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+
+
 def _release(lock: Path) -> None:
-    holder = _read(lock)
-    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+    if _ours(_read(lock)):
         lock.unlink(missing_ok=True)
 
 
