@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,6 +16,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from capsexp.cli import forked, warm_processes
 from capsexp.config.validation import resolve_default_loss
 
 # a tiny CPU run: a ResNet18 (a test about ResNet50 itself says backbone=resnet50), 32 px images (1x1
@@ -81,48 +82,86 @@ def make_cfg(*overrides: str, tiny: bool = True, config_name: str = "config") ->
     return cfg
 
 
-# ``capsexp`` starts in about 4 s on the 2-core machine, nearly all of it importing torch and
-# torchvision; the suite runs it a few hundred times. So run_cli forks each command from a server
-# process that has imported them once (multiprocessing's forkserver): every command is still its own
-# process, with its own folder, environment, output streams and exit code, entering at the same
-# ``capsexp.cli.main`` as ``python -m capsexp``; only the imports are already done.
-WARM_IMPORTS = ["torch", "torchvision", "capsexp.cli", "capsexp.train", "capsexp.bench", "capsexp.report"]
-_warm = multiprocessing.get_context("forkserver")
-_warm.set_forkserver_preload(WARM_IMPORTS)
+# each command forked from a process that has imported torch, torchvision and capsexp once
+# (capsexp.cli.warm_processes): the suite runs a few hundred of them
+_warm = warm_processes()
 
 
-def _capsexp_main(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
-    """A forked ``capsexp`` command: its folder, environment and streams, then the CLI's own entry point."""
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
-    for fd, path in ((1, out), (2, err)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 -- the process's own streams
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    sys.argv = [str(Path(sys.modules["capsexp.cli"].__file__ or "capsexp").with_name("__main__.py")), *args]
-    from capsexp.cli import main
-
-    main()  # SystemExit's code, or 1 with the traceback for anything else: multiprocessing does as Python does
+def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
+    # one intra-op thread, as the tests in this process, unless ``env`` says otherwise
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess:
-    """Run the real ``capsexp`` command in its own process (the way a user does), on one intra-op
-    thread as the tests in this process (``env`` may say otherwise)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    with tempfile.TemporaryDirectory() as streams:
-        out, err = os.path.join(streams, "stdout"), os.path.join(streams, "stderr")
-        proc = _warm.Process(target=_capsexp_main, args=(list(args), str(cwd), full_env, out, err))
-        proc.start()
-        proc.join(timeout)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
-            raise subprocess.TimeoutExpired(["capsexp", *args], timeout)
-        stdout, stderr = (Path(p).read_text(errors="replace") for p in (out, err))
-    return subprocess.CompletedProcess(["capsexp", *args], proc.exitcode, stdout, stderr)
+    """Run the real ``capsexp`` command in its own process (the way a user does) and wait for it."""
+    proc = start_cli(*args, cwd=cwd, env=env, new_session=False)
+    stdout, stderr = proc.communicate(timeout)
+    return subprocess.CompletedProcess(["capsexp", *args], proc.returncode, stdout, stderr)
+
+
+def _in_session(ignore: tuple[int, ...], new_session: bool, args: list[str], cwd: str, env: dict[str, str],
+                stdout: str, stderr: str) -> None:
+    if new_session:
+        os.setsid()
+    for sig in ignore:  # as ``nohup`` does for SIGHUP: what the command inherits
+        signal.signal(sig, signal.SIG_IGN)
+    forked(args, cwd, env, stdout, stderr)
+
+
+class CliProcess:
+    """A ``capsexp`` command running in the background (``start_cli``), with Popen's names for what
+    the tests use: ``pid``, ``poll``, ``send_signal``, ``communicate``, ``returncode``."""
+
+    def __init__(self, args: tuple[str, ...], cwd: Path, env: dict[str, str], new_session: bool,
+                 ignore: tuple[int, ...]) -> None:
+        self.args = ["capsexp", *args]
+        self._streams = tempfile.TemporaryDirectory()
+        self._out, self._err = (os.path.join(self._streams.name, name) for name in ("stdout", "stderr"))
+        self._proc = _warm.Process(target=_in_session,
+                                   args=(ignore, new_session, list(args), str(cwd), env, self._out, self._err))
+        self._proc.start()
+        self.pid: int = self._proc.pid
+
+    def poll(self) -> int | None:
+        return self._proc.exitcode
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self._proc.kill()  # nothing, once it has ended
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._proc.join(timeout)
+        return self._proc.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the command (killing it after ``timeout`` s) and return what it printed."""
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            self._proc.kill()
+            self._proc.join()
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        printed = self.output()
+        self._streams.cleanup()
+        return printed
+
+    def output(self) -> tuple[str, str]:
+        """Standard output and error so far."""
+        return Path(self._out).read_text(errors="replace"), Path(self._err).read_text(errors="replace")
+
+
+def start_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, new_session: bool = True,
+              ignore: tuple[int, ...] = ()) -> CliProcess:
+    """Start ``capsexp <args>`` in the background: by default in a session (process group) of its own,
+    as a scheduler starts one, so a test can signal the whole group; ``ignore``: signals it inherits
+    ignored."""
+    return CliProcess(args, cwd, _cli_env(env), new_session, ignore)
 
 
 def run_cold(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

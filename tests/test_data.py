@@ -3,6 +3,8 @@ group's config checks, image-folder layouts and loaders (decoding and bad files:
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from PIL import Image
 from capsexp.data import datasets as data
 from capsexp.data import shapes
 from capsexp.config.validation import validate
-from capsexp.data.datasets import build_datasets, build_loaders, build_transform
+from capsexp.data.datasets import build_datasets, build_loaders, build_transform, shutdown_workers
 from capsexp.errors import UserError
 from capsexp.data.shapes import IMAGENET_MEAN, IMAGENET_STD, SHAPES_CLASSES, ShapesDataset, render_shapes
 from conftest import make_cfg
@@ -328,6 +330,32 @@ def test_ddp_shards_make_up_the_single_process_batches(tmp_path: Path) -> None:
     per_rank = [[sorted(y.tolist()) for _, y in loader] for loader in shards]
     for k, (_, y) in enumerate(single):  # global batch k = the union of the ranks' batch k
         assert sorted(per_rank[0][k] + per_rank[1][k]) == sorted(y.tolist())
+
+
+class _ParentPid(torch.utils.data.Dataset):
+    """Each item is the pid of the parent of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.tensor(os.getppid()), index
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_loader_workers_are_children_of_the_training_process(start_method: str) -> None:
+    # a SIGTERM to the process group kills a forkserver, and torch ends a worker whose parent died: the
+    # run would stop with a traceback instead of saving (forkserver is Python 3.14's default on Linux)
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method(start_method, force=True)
+    try:
+        cfg = data_cfg("shapes", batch_size=2, num_workers=2)
+        train_loader, val_loader = build_loaders(cfg, _ParentPid(), _ParentPid(), seed=0)
+        parents = {int(pid) for loader in (train_loader, val_loader) for batch, _ in loader for pid in batch}
+        shutdown_workers(train_loader, val_loader)
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert parents == {os.getpid()}
 
 
 class _RandomAugmented(torch.utils.data.Dataset):

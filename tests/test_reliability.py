@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from capsexp.rundir.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from capsexp.engine.loop import StopTraining
 from capsexp.errors import UserError
 from capsexp.train import train
-from conftest import TINY, make_cfg, run_cli
+from conftest import TINY, make_cfg, run_cli, start_cli
 
 TIMING_KEYS = {"images_per_sec"}  # wall-clock numbers: the only keys allowed to differ between runs
 
@@ -203,10 +200,8 @@ def test_sigint_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one(t
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     run_dir = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "capsexp", "train", *args, f"hydra.run.dir={run_dir}"]
     # on one thread, as run_cli runs the other two: the same arithmetic, the same metrics
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = start_cli("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path, new_session=False)
     deadline = time.time() + 300
     # interrupt once training has logged its second step (the loop owns SIGINT by then)
     while time.time() < deadline and proc.poll() is None:

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from capsexp.rundir.checkpoint import load_checkpoint
-from conftest import TINY, mounted_tmpfs, run_cli
+from conftest import TINY, CliProcess, mounted_tmpfs, run_cli, start_cli
 
 # resnet18 at 32 px: a few steps a second, so a long run lasts long enough to be met by a second one
 ARGS = [*TINY, "backbone=resnet18", "grads.figure_every_n_steps=0", "grads.drift.probe_images=0"]
@@ -24,13 +24,18 @@ LONG = ["trainer.max_steps=400", "trainer.max_epochs=100"]
 LOCK = ".capsexp.lock"
 
 
-def _start(*args: str, cwd: Path) -> subprocess.Popen:
+def _start_cold(*args: str, cwd: Path) -> subprocess.Popen:
+    """A new interpreter, imports and all: for what happens while a command starts."""
     return subprocess.Popen([sys.executable, "-m", "capsexp", "train", *args], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _start(*args: str, cwd: Path) -> CliProcess:
+    return start_cli("train", *args, cwd=cwd, new_session=False)
+
+
+def _wait_for(path: Path, proc: CliProcess | subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -137,7 +142,7 @@ def test_a_run_that_has_only_begun_its_record_is_in_use_not_foreign(tmp_path: Pa
 @pytest.mark.slow
 def test_a_sigterm_while_a_run_starts_stops_it_in_one_sentence_and_lets_the_folder_go(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    first = _start(*ARGS, *LONG, f"hydra.run.dir={run}", cwd=tmp_path)
+    first = _start_cold(*ARGS, *LONG, f"hydra.run.dir={run}", cwd=tmp_path)
     try:
         _wait_for(run / LOCK, first)  # the folder is locked; training has not begun
         first.send_signal(signal.SIGTERM)

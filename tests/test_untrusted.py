@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from conftest import TINY, mounted_tmpfs, run_cli
+from conftest import TINY, CliProcess, mounted_tmpfs, run_cli, start_cli
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -178,17 +178,14 @@ def test_a_job_stopped_by_non_finite_values_does_not_stop_the_sweep(tmp_path: Pa
     assert json.loads((sane / "metrics.json").read_text())["status"] == "completed"  # the job after it ran
 
 
-def start_run(run: Path, cwd: Path, *extra: str) -> "subprocess.Popen[str]":
+def start_run(run: Path, cwd: Path, ignore: tuple[int, ...] = ()) -> CliProcess:
     """A long run with two loader workers, in its own process group, as a scheduler starts one."""
     args = [a for a in TINY if not a.startswith(("trainer.max_steps", "trainer.max_epochs"))]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "capsexp", "train", *args, "trainer.max_steps=400",
-                             "trainer.max_epochs=100", "data.num_workers=2", f"hydra.run.dir={run}", *extra],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return start_cli("train", *args, "trainer.max_steps=400", "trainer.max_epochs=100", "data.num_workers=2",
+                     f"hydra.run.dir={run}", cwd=cwd, ignore=ignore)
 
 
-def wait_for_training(proc: "subprocess.Popen[str]", run: Path) -> None:
+def wait_for_training(proc: CliProcess, run: Path) -> None:
     """Until the run has written its first checkpoint (the end of an epoch): workers running, steps going."""
     for _ in range(1200):
         if (run / "checkpoints" / "last.pt").exists():
@@ -291,8 +288,8 @@ def test_a_run_folder_removed_mid_run_stops_the_run_in_one_sentence(tmp_path: Pa
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    proc.stderr = stderr  # type: ignore[assignment]
-    line = one_error_line(proc, "the run folder 'run' was removed while the run was writing to it")
+    line = one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr),
+                          "the run folder 'run' was removed while the run was writing to it")
     assert line.endswith("start it again.")
 
 
@@ -318,12 +315,7 @@ def test_report_names_a_run_folder_it_cannot_read(tmp_path: Path) -> None:
 def test_a_run_started_with_sighup_ignored_keeps_training_through_it(tmp_path: Path) -> None:
     # `nohup capsexp train ...`: SIGHUP ignored by whoever started it stays ignored, in the loop too
     run = tmp_path / "run"
-    args = [a for a in TINY if not a.startswith(("trainer.max_steps", "trainer.max_epochs"))]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "capsexp", "train", *args, "trainer.max_steps=400",
-                             "trainer.max_epochs=100", f"hydra.run.dir={run}"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    proc = start_run(run, tmp_path, ignore=(signal.SIGHUP,))
     try:
         wait_for_training(proc, run)
         os.killpg(proc.pid, signal.SIGHUP)
@@ -334,5 +326,5 @@ def test_a_run_started_with_sighup_ignored_keeps_training_through_it(tmp_path: P
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130 and "received SIGHUP" not in stderr, stderr[-2000:]
+    assert proc.returncode == 130 and "received SIGHUP" not in stderr, stderr[-8000:]
     assert "received SIGTERM" in stderr and "Traceback" not in stderr

@@ -8,6 +8,7 @@ a thin wrapper: all the work happens in functions tests call directly.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import sys
@@ -246,6 +247,41 @@ def _main(argv: list[str]) -> None:
         else:
             _fail_plain(f"unknown command '{command}'; use one of train, bench, report.")
     _run_app(command, argv[1:])
+
+
+# A new ``capsexp`` process spends about 4 s of a 2-core CPU importing torch and torchvision. Whoever
+# starts many commands (the Findings study, the test suite) forks each one from a server process that
+# has imported them once: every command is still its own process, with its own folder, environment,
+# output files and exit code, entering at ``main`` as ``python -m capsexp`` does.
+WARM_IMPORTS = ("torch", "torchvision", "capsexp.cli", "capsexp.train", "capsexp.bench", "capsexp.report")
+
+
+def warm_processes() -> Any:
+    """The multiprocessing context whose processes are forked from a server that preloaded ``WARM_IMPORTS``
+    (a ``ForkServerContext``, which typeshed does not export): start ``forked`` with it."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(WARM_IMPORTS))
+    return context
+
+
+def forked(args: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
+    """``capsexp <args>`` in a process of ``warm_processes()``: in ``cwd`` with exactly ``env``, standard
+    output and error appended to the files ``stdout`` and ``stderr`` (the same path for both interleaves
+    them as a shell's ``>>log 2>&1``); the process's exit code is the command's."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, stdout), (2, stderr)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 -- the process's own streams
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    if "OMP_NUM_THREADS" in env:  # torch, imported before this environment was set, has sized its pool
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    multiprocessing.set_start_method(None, force=True)  # the platform's default, not the forkserver's
+    sys.argv = [str(Path(__file__).with_name("__main__.py")), *args]
+    main()  # SystemExit's code, or 1 with the traceback for anything else, as Python itself exits
 
 
 if __name__ == "__main__":

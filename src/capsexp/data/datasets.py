@@ -8,6 +8,7 @@ checks are declared here.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 
@@ -106,6 +107,14 @@ def _first_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _worker_start_method() -> str | None:
+    """How loader workers start: as children of the training process. Under a forkserver (the default
+    from Python 3.14 on Linux) they would be children of the forkserver, which a SIGTERM to the process
+    group kills, and torch's worker watchdog ends a worker whose parent died: the run would stop with
+    "DataLoader worker exited unexpectedly" instead of saving. So fork there; elsewhere the default."""
+    return "fork" if multiprocessing.get_start_method() == "forkserver" else None
+
+
 def shutdown_workers(*loaders: DataLoader) -> None:
     """End the loaders' persistent workers now. Left to the interpreter's exit, multiprocessing would
     end them with one SIGTERM, which a worker ignores once (``ignore_stop_signals``), and wait for them."""
@@ -138,7 +147,8 @@ def build_loaders(cfg: Any, train_ds: Dataset, val_ds: Dataset, *, seed: int, pi
                         f"images{where}), so no full batch exists; lower data.batch_size or add data.")
     common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers,
                               "pin_memory": pin_memory, "persistent_workers": num_workers > 0,
-                              "worker_init_fn": ignore_stop_signals if num_workers > 0 else None}
+                              "worker_init_fn": ignore_stop_signals if num_workers > 0 else None,
+                              "multiprocessing_context": _worker_start_method() if num_workers > 0 else None}
     # own generators: a loader would otherwise draw its workers' base seed from the global
     # stream each time it starts an epoch, shifting it on resume
     train = DataLoader(SeededSamples(train_ds, seed), sampler=train_sampler, drop_last=True,
