@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torchvision
 
 from capsexp import __version__
+from capsexp.cli import forked, warm_processes
 from capsexp.errors import UserError
 from capsexp.config.overrides import check_command_line
 from conftest import make_cfg, run_cli, run_cold
@@ -21,6 +23,23 @@ def test_version_names_capsexp_torch_and_torchvision(flag: str, tmp_path: Path) 
     assert done.stdout == (f"capsexp {__version__} (torch {torch.__version__}, "
                            f"torchvision {torchvision.__version__})\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_forked_commands_append_both_streams_to_one_log_and_exit_with_their_codes(tmp_path: Path) -> None:
+    # as the Findings study runs each training run: `capsexp ... >>runs.log 2>&1`
+    log = tmp_path / "runs.log"
+    log.write_text("earlier\n")
+    codes = []
+    for args in (["--version"], ["train", "data.image_size=-1"]):
+        proc = warm_processes().Process(target=forked, args=(args, str(tmp_path), dict(os.environ), str(log), str(log)))
+        proc.start()
+        proc.join(120)
+        codes.append(proc.exitcode)
+    assert codes == [0, 2]
+    lines = log.read_text().splitlines()
+    assert lines[:2] == ["earlier", f"capsexp {__version__} (torch {torch.__version__}, "
+                                    f"torchvision {torchvision.__version__})"]
+    assert lines[-1].startswith("capsexp: error: data.image_size=-1 is not allowed")
 
 
 def test_training_configs_carry_no_bench_section() -> None:

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -30,6 +30,9 @@ from capsexp.config.tree import CONFIG_NAMES
 from capsexp.config.overrides import check_command_line
 from capsexp.config.sweep_outcome import FAILED
 from capsexp.rundir.lock import hold_run_folder
+
+if TYPE_CHECKING:  # not defined on Windows, which has no forkserver
+    from multiprocessing.context import ForkServerContext
 
 USAGE = """usage: capsexp <command> [options]
 
@@ -256,9 +259,9 @@ def _main(argv: list[str]) -> None:
 WARM_IMPORTS = ("torch", "torchvision", "capsexp.cli", "capsexp.train", "capsexp.bench", "capsexp.report")
 
 
-def warm_processes() -> Any:
-    """The multiprocessing context whose processes are forked from a server that preloaded ``WARM_IMPORTS``
-    (a ``ForkServerContext``, which typeshed does not export): start ``forked`` with it."""
+def warm_processes() -> ForkServerContext:
+    """The multiprocessing context whose processes are forked from a server that preloaded
+    ``WARM_IMPORTS``: start ``forked`` with it."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(WARM_IMPORTS))
     return context
