@@ -87,8 +87,9 @@ def make_cfg(*overrides: str, tiny: bool = True, config_name: str = "config") ->
 _warm = warm_processes()
 
 
-def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
-    # one intra-op thread, as the tests in this process, unless ``env`` says otherwise
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every ``capsexp`` a test starts: unbuffered output, and one intra-op thread
+    as the tests in this process, unless ``env`` says otherwise."""
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
 
 
@@ -161,11 +162,10 @@ def start_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, new_sess
     """Start ``capsexp <args>`` in the background: by default in a session (process group) of its own,
     as a scheduler starts one, so a test can signal the whole group; ``ignore``: signals it inherits
     ignored."""
-    return CliProcess(args, cwd, _cli_env(env), new_session, ignore)
+    return CliProcess(args, cwd, cli_env(env), new_session, ignore)
 
 
 def run_cold(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m capsexp`` in a new interpreter, imports and all: for what a fresh start itself does."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "capsexp", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "capsexp", *args], cwd=cwd, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)

@@ -27,7 +27,7 @@ from capsexp.rundir.checkpoint import load_checkpoint
 from capsexp.models.classifier import build_model
 from capsexp.data.shapes import SHAPES_CLASSES
 from capsexp.train import train
-from conftest import TINY, make_cfg
+from conftest import TINY, cli_env, make_cfg
 
 BATCH = 4  # per process; the single-process reference uses 2 x BATCH
 # SGD: its update is linear in the gradient, so the two runs' float rounding differences stay at
@@ -51,12 +51,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def torchrun_command(overrides: list[str]) -> list[str]:
     """``torchrun --nproc_per_node=2 -m capsexp train ...`` on loopback, as the README shows it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "capsexp", "train", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", "-m", "capsexp", "train", *overrides]
+
+
+def torchrun(overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(overrides), cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                          timeout=300)
 
 
 # How far float reordering can move the final weights, relative to how far training moved them.
@@ -202,10 +205,8 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
     run = tmp_path / "run"
     overrides = [*TINY, *COMMON, *CASES["fc"], "trainer.max_steps=10000", "trainer.max_epochs=1000",
                  f"data.batch_size={BATCH}", f"hydra.run.dir={run}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "capsexp", "train", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(torchrun_command(overrides), cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while not (run / "checkpoints" / "last.pt").exists():  # the first epoch is done

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
 import signal
@@ -22,7 +21,7 @@ import capsexp.cli  # noqa: F401 -- registers the folder-name resolvers, as the 
 from capsexp.engine.console import format_duration, progress_line
 from capsexp.report import build_rows, find_runs, read_run, report_figure
 from capsexp.train import train
-from conftest import TINY, make_cfg, run_cli
+from conftest import TINY, cli_env, make_cfg, run_cli
 from test_sweeps import tiny_sweep
 
 # conftest's tiny run with 3 batches per epoch over 2 epochs, stopped at step 4: the first epoch
@@ -122,7 +121,7 @@ def test_an_interrupted_run_without_checkpoints_says_it_cannot_be_resumed(tmp_pa
     cmd = [sys.executable, "-m", "capsexp", "train", *args, "trainer.max_steps=6", "trainer.progress=auto",
            "trainer.progress_every_n_steps=1", "trainer.checkpoints=none", "grads.figure_every_n_steps=0", f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+                            env=cli_env())
     for line in proc.stderr:  # the loop owns SIGINT once a step has been trained
         if line.startswith("capsexp: step 2/6"):
             proc.send_signal(signal.SIGINT)

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from capsexp.rundir.checkpoint import load_checkpoint
-from conftest import TINY, CliProcess, mounted_tmpfs, run_cli, start_cli
+from conftest import TINY, CliProcess, cli_env, mounted_tmpfs, run_cli, start_cli
 
 # resnet18 at 32 px: a few steps a second, so a long run lasts long enough to be met by a second one
 ARGS = [*TINY, "backbone=resnet18", "grads.figure_every_n_steps=0", "grads.drift.probe_images=0"]
@@ -28,7 +28,7 @@ def _start_cold(*args: str, cwd: Path) -> subprocess.Popen:
     """A new interpreter, imports and all: for what happens while a command starts."""
     return subprocess.Popen([sys.executable, "-m", "capsexp", "train", *args], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+                            env=cli_env())
 
 
 def _start(*args: str, cwd: Path) -> CliProcess:
