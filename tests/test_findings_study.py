@@ -30,8 +30,12 @@ def test_the_study_writes_its_page_and_a_rerun_only_rewrites_it(tmp_path: Path) 
     for figure in ("findings_curves.png", "findings_ladder.png"):
         assert (out / "docs" / figure).stat().st_size > 1000
     text = readme.read_text()
-    summary = text.splitlines()[2:-1]  # claims 2 and 4 have their arms here: fc, dynamic, pooled
-    assert summary[0].startswith("2. *Gradients vanish") and summary[1].startswith("4. *The direct connection")
+    # a table: claims 2 and 4 have their arms here (fc, dynamic, pooled), each with its interval and seeds
+    header, _, *rows = text.splitlines()[2:-1]
+    assert header.startswith("| claim | verdict | measure: b − a | mean difference | 95% CI | paired seeds |")
+    assert rows[0].startswith("| 2. *Gradients vanish") and rows[1].startswith("| 4. *The direct connection")
+    assert rows[0].split(" | ")[5] == "2"  # two paired seeds
+    assert "log10 \\|dL/dF\\| against FC's, per head: dynamic " in rows[0]  # a | inside a cell is escaped
     assert text.startswith("# x\n<!-- findings:start -->\n") and text.endswith("<!-- findings:end -->\ntail\n")
     assert "old" not in text and len(text.splitlines()) <= 10
 
